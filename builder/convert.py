@@ -1,0 +1,138 @@
+"""Checkpoint -> engine directory: fuse and rename weights, write the manifest, atomically.
+
+The engine is written into a hidden temporary directory beside the output and renamed into place
+only when complete, so a failed or interrupted build leaves nothing behind.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .config import Limits, PyramidSchedule
+from .engine_format import LLM_WEIGHTS, MANIFEST, VISION_WEIGHTS, Manifest, checksum_dir
+from .errors import ConfigError, PdropError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def llm_weight_plan(n_layers: int, tied: bool) -> dict[str, list[str]]:
+    """Engine tensor name -> the canonical checkpoint tensors concatenated (dim 0) to make it."""
+    plan = {"tok_embeddings.weight": ["language_model.embed_tokens.weight"]}
+    for i in range(n_layers):
+        src, dst = f"language_model.layers.{i}.", f"layers.{i}."
+        plan[dst + "attention.wqkv.weight"] = [src + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        plan[dst + "attention.wo.weight"] = [src + "self_attn.o_proj.weight"]
+        plan[dst + "feed_forward.w13.weight"] = [src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"]
+        plan[dst + "feed_forward.w2.weight"] = [src + "mlp.down_proj.weight"]
+        plan[dst + "attention_norm.weight"] = [src + "input_layernorm.weight"]
+        plan[dst + "ffn_norm.weight"] = [src + "post_attention_layernorm.weight"]
+    plan["norm.weight"] = ["language_model.norm.weight"]
+    plan["output.weight"] = ["language_model.embed_tokens.weight" if tied else "lm_head.weight"]
+    return plan
+
+
+def vision_weight_plan(names: list[str]) -> dict[str, list[str]]:
+    plan = {"image_newline": ["image_newline"]}
+    for n in names:
+        for src, dst in (("vision_tower.", "tower."), ("multi_modal_projector.", "projector.")):
+            if n.startswith(src):
+                plan[dst + n[len(src):]] = [n]
+    return plan
+
+
+def resolve_dtype(name: str, ckpt: Checkpoint) -> str:
+    if name == "auto":
+        native = ckpt.hf_config.text_config.dtype or getattr(ckpt.hf_config, "dtype", None) or "float32"
+        name = str(native).replace("torch.", "")
+    if name not in DTYPES:
+        raise ConfigError(f"unsupported dtype '{name}': choose auto, {', '.join(DTYPES)}")
+    return name
+
+
+def vision_spec(ckpt: Checkpoint) -> dict:
+    c = ckpt.hf_config
+    return {"vision_config": c.vision_config.to_dict(), "projector_hidden_act": c.projector_hidden_act,
+            "multimodal_projector_bias": c.multimodal_projector_bias,
+            "vision_feature_layer": c.vision_feature_layer,
+            "vision_feature_select_strategy": c.vision_feature_select_strategy,
+            "image_grid_pinpoints": c.image_grid_pinpoints}
+
+
+def eos_ids(ckpt: Checkpoint) -> list[int]:
+    ids = {ckpt.processor.tokenizer.eos_token_id}
+    gen = (ckpt.generation_config or {}).get("eos_token_id")
+    ids.update(gen if isinstance(gen, list) else [gen])
+    return sorted(i for i in ids if i is not None)
+
+
+@contextmanager
+def staging_dir(output: Path, force: bool):
+    """Yield a temp dir next to `output`; on success it replaces `output`, on any failure it vanishes."""
+    if output.exists() and not force:
+        raise ConfigError(f"output {output} exists; pass --force to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield tmp
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{tmp.name}")
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_weights(ckpt: Checkpoint, plan: dict[str, list[str]], dtype: torch.dtype, path: Path, bar: tqdm) -> int:
+    tensors, count = {}, 0
+    for dst, srcs in plan.items():
+        parts = [ckpt.load(s).to(dtype) for s in srcs]
+        tensors[dst] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+        count += tensors[dst].numel()
+        bar.update(len(srcs))
+    save_file(tensors, path, metadata={"format": "pt"})
+    return count
+
+
+def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule, limits: Limits,
+                 dtype: str = "auto", force: bool = False, progress: bool = True) -> tuple[Manifest, int]:
+    """Convert `ckpt` into an engine directory at `output`. Returns the manifest and parameter count."""
+    llm = ckpt.llm
+    limits.validate(llm, ckpt.sliding_window)
+    dtype = resolve_dtype(dtype, ckpt)
+    tied = "lm_head.weight" not in ckpt.names
+    llm_plan, vision_plan = llm_weight_plan(llm.n_layers, tied), vision_weight_plan(ckpt.names)
+    output = Path(output)
+    with staging_dir(output, force) as tmp:
+        total = sum(len(s) for s in llm_plan.values()) + sum(len(s) for s in vision_plan.values())
+        with tqdm(total=total, desc="converting", unit="tensor", disable=not progress) as bar:
+            params = _write_weights(ckpt, llm_plan, DTYPES[dtype], tmp / LLM_WEIGHTS, bar)
+            params += _write_weights(ckpt, vision_plan, DTYPES[dtype], tmp / VISION_WEIGHTS, bar)
+        try:
+            ckpt.processor.save_pretrained(tmp)
+        except Exception as e:
+            raise PdropError(f"cannot save the processor: {e}") from None
+        manifest = Manifest(
+            llm=llm, vision=vision_spec(ckpt), pyramid=schedule, dtype=dtype, limits=limits,
+            image_token_id=ckpt.hf_config.image_token_id, eos_token_ids=eos_ids(ckpt),
+            source={"checkpoint": ckpt.source, "fingerprint": ckpt.fingerprint}, files=checksum_dir(tmp))
+        (tmp / MANIFEST).write_text(manifest.to_json())
+    return manifest, params

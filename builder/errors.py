@@ -1,0 +1,21 @@
+"""User-facing failures: one family per kind, caught once in the CLI and printed as one line."""
+
+
+class PdropError(Exception):
+    """Base class of every error the CLI reports as a single line."""
+
+
+class CheckpointError(PdropError):
+    """The source checkpoint is missing, corrupt or of an unsupported architecture."""
+
+
+class ConfigError(PdropError):
+    """An inconsistent build setting: drop ratio, stage layers, dtype or limits."""
+
+
+class EngineError(PdropError):
+    """An engine directory that is missing, from another format version, or corrupt."""
+
+
+class InputError(PdropError):
+    """A bad request: unreadable image, too-long prompt, bad sampling parameter."""

@@ -1,0 +1,41 @@
+"""Turning what a user passes as an image (path, bytes, data URL, array, PIL image) into RGB PIL."""
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+
+def load_image(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise InputError(f"image array must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        return Image.fromarray(image)
+    if isinstance(image, str) and image.startswith("data:image/"):
+        try:
+            image = base64.b64decode(image.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError):
+            raise InputError("malformed data:image URL") from None
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image not found: {path}")
+        try:
+            image = path.read_bytes()
+        except OSError as e:
+            raise InputError(f"cannot read image {path}: {e.strerror}") from None
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(image)) as img:
+                img.load()
+                return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise InputError(f"unreadable image: {e}") from None
+    raise InputError(f"unsupported image type {type(image).__name__}")
