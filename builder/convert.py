@@ -80,6 +80,7 @@ def staging_dir(output: Path, force: bool):
         raise ConfigError(f"output {output} exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an engine is meant to be shared
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -109,6 +110,7 @@ def _write_weights(ckpt: Checkpoint, plan: dict[str, list[str]], dtype: torch.dt
         count += tensors[dst].numel()
         bar.update(len(srcs))
     save_file(tensors, path, metadata={"format": "pt"})
+    path.chmod(0o644)
     return count
 
 

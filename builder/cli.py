@@ -1,0 +1,159 @@
+"""`python -m builder build|run`: the command line, in TensorRT-LLM's spirit (explicit long flags).
+
+Every user-facing failure is a PdropError, printed here as one `error: ...` line (exit 1);
+bad flags exit 2; `--debug` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, PdropError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers takes comma-separated layer indices like 8,16,24, got '{text}'") from None
+
+
+def _largest_image_tokens(vision: dict) -> int:
+    """Image tokens of the largest anyres image (an image exactly the size of a grid pinpoint)."""
+    tile = vision["vision_config"]["image_size"]
+    side = tile // vision["vision_config"]["patch_size"]
+    return max(side * side + (h // tile * side) * (w // tile * side + 1) for h, w in vision["image_grid_pinpoints"])
+
+
+def _flops(x: float) -> str:
+    unit = next(u for u in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1, "FLOPs")) if x >= u[0] or u[0] == 1)
+    return f"{x / unit[0]:.2f} {unit[1]}"
+
+
+def cmd_build(args) -> int:
+    from .checkpoint import open_checkpoint
+    from .config import Limits, PyramidSchedule
+    from .convert import build_engine
+    from .flops import report
+    from .presets import PRESETS, preset_checkpoint
+
+    layers = _layers(args.layers) if args.layers is not None else None
+    model = args.model
+    ckpt = preset_checkpoint(model, args.seed) if model in PRESETS else open_checkpoint(model)
+    llm = ckpt.llm
+    schedule = PyramidSchedule.create(llm.n_layers, args.drop_ratio, layers)
+    max_seq = args.max_seq_len or min(llm.max_position_embeddings, ckpt.sliding_window or llm.max_position_embeddings)
+    # leave room for an answer: 512 tokens, or half the sequence on small models
+    limits = Limits(args.max_batch_size, args.max_input_len or max_seq - min(512, max_seq // 2), max_seq)
+    output = Path(args.output or f"engines/{Path(model).name}")
+    manifest, params = build_engine(ckpt, output, schedule, limits, args.dtype, args.force,
+                                    progress=not args.quiet)
+    n_img = _largest_image_tokens(manifest.vision)
+    fl = report(llm, schedule, n_img, 32)
+    per_stage = schedule.tokens_per_layer(n_img, llm.n_layers)
+    stages = [per_stage[0]] + [per_stage[b] for b in schedule.layers]
+    print(f"engine written to {output}")
+    print(f"  model        {ckpt.source} ({params / 1e6:.1f}M parameters, {manifest.dtype})")
+    print(f"  pyramid      drop ratio {schedule.drop_ratio}, boundaries at layers {schedule.layers}")
+    print(f"  image tokens {' -> '.join(map(str, stages))} per stage (largest image, N = {n_img})")
+    for kind, label in (("paper", "paper formula"), ("full", "full count")):
+        f = fl[kind]
+        print(f"  prefill      {label:13} {_flops(f['no_drop'])} -> {_flops(f['drop'])} "
+              f"({100 * (1 - f['ratio']):.1f}% less)")
+    print(f"  limits       batch {limits.max_batch_size}, input {limits.max_input_len}, seq {limits.max_seq_len}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .engine import Engine
+    from .images import load_image
+
+    engine = Engine.load(args.engine, device=args.device)
+    image = load_image(args.image) if args.image else None
+    prompt = engine.chat_prompt(args.prompt, image is not None) if args.chat else args.prompt
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, stop=args.stop, drop_ratio=args.drop_ratio)
+    result = None
+    for delta in engine.stream([prompt], [image], **kwargs):
+        if not args.json:
+            print(delta.text, end="", flush=True)
+        result = delta.result or result
+    if args.keep_map:
+        if image is None:
+            raise ConfigError("--keep-map needs an --image")
+        from .keep_map import draw_keep_map
+
+        draw_keep_map(image, result.layout, result.image_tokens, result.stages, args.keep_map)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        t = result.timings
+        print()
+        print(f"[{result.prompt_tokens} prompt tokens ({result.image_tokens} image), {len(result.token_ids)} generated; "
+              f"TTFT {t['ttft_s'] * 1e3:.1f} ms (vision {t['vision_s'] * 1e3:.1f}, prefill {t['prefill_s'] * 1e3:.1f}), "
+              f"decode {t['decode_tokens_per_s']:.1f} tok/s; prefill FLOPs x{result.flops['full']['ratio']:.3f}]",
+              file=sys.stderr)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m builder", description="pdrop: LLaVA-NeXT engines with PyramidDrop")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("build", help="convert a LLaVA-NeXT checkpoint into an engine directory")
+    b.add_argument("--model", default="demo",
+                   help="Hugging Face LLaVA-NeXT directory, or a built-in random-weight preset: demo (default), "
+                        "llava-next-small, llava-next-vicuna-7b, llava-next-mistral-7b")
+    b.add_argument("--drop-ratio", type=float, default=0.5,
+                   help="fraction of the image tokens dropped at each stage boundary, in [0, 1) (default 0.5)")
+    b.add_argument("--layers", help="stage boundaries, e.g. 8,16,24 (default: the quarters of the LLM depth)")
+    b.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default auto)")
+    b.add_argument("--max-batch-size", type=int, default=8)
+    b.add_argument("--max-input-len", type=int, help="longest prompt, image tokens included")
+    b.add_argument("--max-seq-len", type=int, help="prompt + output (default: the model's max positions)")
+    b.add_argument("--output", help="engine directory (default engines/<model name>)")
+    b.add_argument("--force", action="store_true", help="replace an existing output directory")
+    b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("run", help="answer a prompt about an image with an engine")
+    r.add_argument("--engine", required=True, help="engine directory")
+    r.add_argument("--prompt", required=True,
+                   help="raw prompt; <image> marks where the image goes (put first when absent)")
+    r.add_argument("--image", help="image file")
+    r.add_argument("--chat", action="store_true", help="wrap --prompt in the checkpoint's chat template")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--drop-ratio", type=float, help="override the engine's drop ratio for this run")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    r.add_argument("--keep-map", metavar="OUT.png", help="draw which image patches survived each stage")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PdropError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

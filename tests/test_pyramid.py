@@ -1,0 +1,110 @@
+"""With dropping, the engine's fast path (KV cache, compaction) equals the plain reference of the rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from builder.config import LLMConfig, PyramidSchedule
+from builder.flops import paper_flops
+from builder.pyramid import select
+from builder.sampling import SamplingParams
+from conftest import DEMO_LAYERS
+from reference import Reference
+
+PROMPT = "USER: <image>\nWhich shape is red? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def reference(demo_ckpt):
+    return Reference(demo_ckpt)
+
+
+def fast_path(engine, prompt, image, drop, steps):
+    """Greedy tokens, per-step logits and stage stats from the engine's cached prefill + decode."""
+    req = engine.prepare(prompt, image, SamplingParams(), drop_ratio=drop)
+    with torch.inference_mode():
+        embeds, _ = engine._embed(req)
+        engine.llm.setup_caches(1, embeds.shape[1] + steps)
+        h, stages = engine.llm.prefill(embeds, 0, *_span(req), req.schedule)
+        logits = [engine.llm.output(h[0, -1])]
+        tokens = [int(logits[-1].argmax())]
+        for _ in range(steps - 1):
+            logits.append(engine.llm.decode(torch.tensor(tokens[-1:]))[0])
+            tokens.append(int(logits[-1].argmax()))
+    return req, embeds[0], tokens, logits, stages
+
+
+def _span(req):
+    from builder.pyramid import ImageSpan
+    return (ImageSpan.full(req.image_start, req.n_image, "cpu"),)
+
+
+@pytest.mark.parametrize("drop,case", [(0.5, 0), (0.5, 3), (0.25, 1), (0.75, 4), (0.5, 5)])
+def test_prefill_and_decode_match_reference(drop, case, engine, reference, images):
+    steps = 6
+    req, embeds, tokens, logits, stages = fast_path(engine, PROMPT, images[case], drop, steps)
+    keep = 1 - drop
+    assert [s.tokens_kept for s in stages] == [int(req.n_image * keep ** (s + 1)) for s in range(3)]
+    seq = embeds
+    for step in range(steps):
+        ref_logits, ref_kept = reference.forward(seq, req.input_ids.numel(), req.image_start, req.n_image,
+                                                 DEMO_LAYERS, keep)
+        assert ref_kept == [s.kept for s in stages]
+        assert (logits[step] - ref_logits).abs().max().item() <= 1e-4, f"step {step}"
+        seq = torch.cat((seq, engine.llm.tok_embeddings.weight[tokens[step]][None]))
+
+
+def test_drop_changes_the_computation(engine, images):
+    """Sanity: dropping really removes tokens, and the deepest layers' caches are shorter."""
+    req, _, _, _, stages = fast_path(engine, PROMPT, images[0], 0.5, 2)
+    lengths = [layer.attention.kv_cache.lengths[0].item() for layer in engine.llm.layers]
+    prompt = req.input_ids.numel()
+    n = req.n_image
+    expected = [prompt + 1 - (n - c) for c in PyramidSchedule(DEMO_LAYERS, 0.5).tokens_per_layer(n, 8)]
+    assert lengths == expected
+    assert lengths[0] > lengths[2] > lengths[4] > lengths[6]
+
+
+def test_batch_equals_one_at_a_time(engine, images):
+    prompts = [PROMPT, "<image>\nDescribe it. ASSISTANT:", "USER: no image here ASSISTANT:", PROMPT]
+    imgs = [images[0], images[4], None, images[2]]
+    batch = engine.generate(prompts, imgs, max_new_tokens=8, drop_ratio=0.5)
+    for p, im, b in zip(prompts, imgs, batch):
+        [single] = engine.generate([p], [im], max_new_tokens=8, drop_ratio=0.5)
+        assert b.token_ids == single.token_ids
+        assert [s.kept for s in b.stages] == [s.kept for s in single.stages]
+    assert batch[2].stages == [] and batch[2].image_tokens == 0
+    assert len({b.image_tokens for b in batch if b.image_tokens}) == 3  # ragged: three different counts
+
+
+def test_per_request_drop_ratio_in_one_batch(engine, images):
+    a, b = engine.generate([PROMPT, PROMPT], [images[0], images[0]], max_new_tokens=4, drop_ratio=[0.0, 0.5])
+    assert [s.tokens_kept for s in a.stages] == [a.image_tokens] * 3
+    assert [s.tokens_kept for s in b.stages] == [int(b.image_tokens * 0.5 ** k) for k in (1, 2, 3)]
+
+
+def test_select_ties_go_to_lower_index_in_original_order():
+    scores = torch.tensor([0.1, 0.5, 0.5, 0.2, 0.5, 0.0])
+    assert select(scores, 2).tolist() == [1, 2]
+    assert select(scores, 4).tolist() == [1, 2, 3, 4]
+    assert select(scores, 0).tolist() == []
+    assert select(scores, 6).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_schedule_counts_follow_the_authors_floor_of_original_n():
+    s = PyramidSchedule.create(32, 0.5)
+    assert s.layers == [8, 16, 24]
+    assert [s.kept_after(576, k) for k in range(3)] == [288, 144, 72]
+    assert [s.kept_after(2340, k) for k in range(3)] == [1170, 585, 292]
+    per_layer = s.tokens_per_layer(2880, 32)
+    assert per_layer[:8] == [2880] * 8 and per_layer[8:16] == [1440] * 8 and per_layer[24:] == [360] * 8
+
+
+def test_paper_flops_reproduce_the_published_numbers():
+    vicuna = LLMConfig(vocab_size=32064, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+                       intermediate_size=11008)
+    s = PyramidSchedule.create(32, 0.5)
+    assert paper_flops(vicuna, None, 576) / 1e12 == pytest.approx(3.82, abs=0.005)
+    assert paper_flops(vicuna, s, 576) / 1e12 == pytest.approx(1.78, abs=0.005)
+    assert paper_flops(vicuna, None, 2880) / 1e12 == pytest.approx(20.83, abs=0.005)
+    assert paper_flops(vicuna, s, 2880) / 1e12 == pytest.approx(9.46, abs=0.005)
