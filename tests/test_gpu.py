@@ -1,0 +1,53 @@
+"""The same exactness checks on a CUDA device (`pytest -m gpu`); skipped where there is none."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from builder.engine import Engine
+from builder.sampling import SamplingParams
+from conftest import DEMO_LAYERS
+from reference import Reference
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
+
+PROMPT = "USER: <image>\nWhat is here? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def cuda_engine(engine_dir):
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 exactness, not TF32
+    return Engine.load(engine_dir, device="cuda")
+
+
+def test_cuda_greedy_equals_cpu(cuda_engine, engine, images):
+    for drop in (0.0, 0.5):
+        prompts, imgs = [PROMPT, PROMPT, "USER: hi ASSISTANT:"], [images[0], images[3], None]
+        gpu = cuda_engine.generate(prompts, imgs, max_new_tokens=16, drop_ratio=drop)
+        cpu = engine.generate(prompts, imgs, max_new_tokens=16, drop_ratio=drop)
+        for g, c in zip(gpu, cpu):
+            assert g.token_ids == c.token_ids
+            assert [s.kept for s in g.stages] == [s.kept for s in c.stages]
+
+
+def test_cuda_prefill_matches_reference(cuda_engine, demo_ckpt, images):
+    from builder.pyramid import ImageSpan
+
+    req = cuda_engine.prepare(PROMPT, images[0], SamplingParams(), drop_ratio=0.5)
+    with torch.inference_mode():
+        embeds, _ = cuda_engine._embed(req)
+        cuda_engine.llm.setup_caches(1, embeds.shape[1])
+        span = ImageSpan.full(req.image_start, req.n_image, "cuda")
+        h, stages = cuda_engine.llm.prefill(embeds, 0, span, req.schedule)
+        ours = cuda_engine.llm.output(h[0, -1]).cpu()
+    ref, kept = Reference(demo_ckpt).forward(embeds[0].cpu(), req.input_ids.numel(), req.image_start, req.n_image,
+                                             DEMO_LAYERS, 0.5)
+    assert kept == [s.kept for s in stages]
+    assert (ours - ref).abs().max().item() <= 1e-3
+
+
+def test_cuda_bfloat16_runs(engine_dir, images):
+    engine = Engine.load(engine_dir, device="cuda", dtype="bfloat16")
+    [r] = engine.generate([PROMPT], [images[0]], max_new_tokens=8)
+    assert len(r.token_ids) == 8 and [s.tokens_kept for s in r.stages] == [84, 42, 21]
