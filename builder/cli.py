@@ -20,9 +20,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _layers(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--layers takes comma-separated layer indices like 8,16,24, got '{text}'") from None
+        layers = []
+    if not layers:
+        raise ConfigError(f"--layers takes comma-separated layer indices like 8,16,24, got '{text}'")
+    return layers
 
 
 def _largest_image_tokens(vision: dict) -> int:
@@ -75,6 +78,8 @@ def cmd_run(args) -> int:
     from .engine import Engine
     from .images import load_image
 
+    if args.keep_map and not args.image:  # before loading and generating, not after
+        raise ConfigError("--keep-map needs an --image")
     engine = Engine.load(args.engine, device=args.device)
     image = load_image(args.image) if args.image else None
     prompt = engine.chat_prompt(args.prompt, image is not None) if args.chat else args.prompt
@@ -86,8 +91,6 @@ def cmd_run(args) -> int:
             print(delta.text, end="", flush=True)
         result = delta.result or result
     if args.keep_map:
-        if image is None:
-            raise ConfigError("--keep-map needs an --image")
         from .keep_map import draw_keep_map
 
         draw_keep_map(image, result.layout, result.image_tokens, result.stages, args.keep_map)

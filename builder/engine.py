@@ -117,7 +117,15 @@ class Engine:
         manifest = read_manifest(path, verify=verify)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        name = device
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise InputError(f"unsupported device '{name}': use auto, cpu, cuda or cuda:N")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise InputError(f"no CUDA device '{device}' ({torch.cuda.device_count()} visible)")
         torch_dtype = DTYPES[dtype or manifest.dtype]
         cfg = manifest.llm
         with torch.device("meta"):

@@ -23,8 +23,10 @@ def load_image(image) -> Image.Image:
             image = base64.b64decode(image.split(",", 1)[1], validate=True)
         except (IndexError, ValueError):
             raise InputError("malformed data:image URL") from None
+    name = ""  # the file, to name it in errors
     if isinstance(image, (str, Path)):
         path = Path(image)
+        name = f" {path}"
         if not path.is_file():
             raise InputError(f"image not found: {path}")
         try:
@@ -36,6 +38,8 @@ def load_image(image) -> Image.Image:
             with Image.open(io.BytesIO(image)) as img:
                 img.load()
                 return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise InputError(f"unreadable image: {e}") from None
+        except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+            raise InputError(f"unreadable image{name}: not a format Pillow can read") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise InputError(f"unreadable image{name}: {e}") from None
     raise InputError(f"unsupported image type {type(image).__name__}")
