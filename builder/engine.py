@@ -101,6 +101,21 @@ class _Row:
         return max((k for s in self.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N', checked against what is there."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device '{name}': use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"no CUDA device '{device}' ({torch.cuda.device_count()} visible)")
+    return device
+
+
 class Engine:
     def __init__(self, path: Path, manifest, llm: Transformer, vision: VisionEncoder, processor, device):
         self.path, self.manifest, self.llm, self.vision = path, manifest, llm, vision
@@ -115,17 +130,7 @@ class Engine:
 
         path = Path(path)
         manifest = read_manifest(path, verify=verify)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        name = device
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError, ValueError):
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise InputError(f"unsupported device '{name}': use auto, cpu, cuda or cuda:N")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise InputError(f"no CUDA device '{device}' ({torch.cuda.device_count()} visible)")
+        device = resolve_device(device)
         torch_dtype = DTYPES[dtype or manifest.dtype]
         cfg = manifest.llm
         with torch.device("meta"):
