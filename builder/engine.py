@@ -72,14 +72,19 @@ class Delta:
 
 
 class _Row:
-    """Decoding state of one request: its tokens, the text streamed so far and stop handling."""
+    """Decoding state of one request: its sampler, its tokens, the text streamed so far, stops."""
 
-    def __init__(self, tokenizer, params: SamplingParams, eos: set[int], budget: int):
+    def __init__(self, tokenizer, params: SamplingParams, eos: set[int], budget: int, device):
         self.tokenizer, self.params, self.eos, self.budget = tokenizer, params, eos, budget
+        bad = [tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words]
+        self.sampler = Sampler(params, device, eos, bad)
         self.ids: list[int] = []
         self.sent = 0
         self.finish: str | None = None
         self.text = ""
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.sampler(logits, self.ids)
 
     def add(self, token: int) -> str:
         self.ids.append(token)
@@ -222,7 +227,7 @@ class Engine:
         t0 = time.perf_counter()
         reqs = [self.prepare(p, im, sp, r) for p, im, sp, r in zip(prompts, images, params, ratios)]
         with torch.inference_mode():
-            yield from self._run(reqs, t0)
+            yield from self.stream_prepared(reqs, t0)
 
     def generate(self, prompts: Sequence[str], images: Sequence | None = None, **kwargs) -> list[Result]:
         results: list[Result | None] = [None] * len(prompts)
@@ -231,14 +236,14 @@ class Engine:
                 results[d.index] = d.result
         return results
 
-    def _run(self, reqs: list[Request], t0: float) -> Iterator[Delta]:
-        """Prefill every request, then decode them together; t0 is when preprocessing began."""
+    def stream_prepared(self, reqs: list[Request], t0: float | None = None) -> Iterator[Delta]:
+        """Prefill every prepared request, then decode them together; t0 is when preprocessing began."""
+        t0 = time.perf_counter() if t0 is None else t0
         max_seq = self.manifest.limits.max_seq_len
         budgets = [min(r.params.max_new_tokens, max_seq - r.input_ids.numel()) for r in reqs]
         self.llm.setup_caches(len(reqs), max(r.input_ids.numel() + b for r, b in zip(reqs, budgets)))
-        eos = set(self.manifest.eos_token_ids)
-        rows = [_Row(self.tokenizer, r.params, eos, b) for r, b in zip(reqs, budgets)]
-        samplers = [Sampler(r.params, self.device) for r in reqs]
+        rows = [_Row(self.tokenizer, r.params, {r.params.end_id} if r.params.end_id is not None
+                     else set(self.manifest.eos_token_ids), b, self.device) for r, b in zip(reqs, budgets)]
 
         vision_s, stages, layouts, first = 0.0, [], [], []
         t_pre = time.perf_counter() - t0
@@ -249,7 +254,7 @@ class Engine:
             vision_s += time.perf_counter() - tv
             span = ImageSpan.full(req.image_start, req.n_image, self.device) if req.n_image else None
             h, st = self.llm.prefill(embeds, i, span, req.schedule)
-            first.append(samplers[i](self.llm.output(h[0, -1])))
+            first.append(rows[i].sample(self.llm.output(h[0, -1])))
             stages.append(st)
             layouts.append(layout)
         tokens = torch.stack(first)
@@ -269,7 +274,7 @@ class Engine:
             if all(row.finish for row in rows):
                 return
             logits = self.llm.decode(tokens)
-            tokens = torch.stack([s(logits[i]) for i, s in enumerate(samplers)])
+            tokens = torch.stack([row.sample(logits[i]) for i, row in enumerate(rows)])
 
     def _result(self, req: Request, row: _Row, stages, layout, timing: tuple) -> Result:
         t0, t_pre, vision_s, ttft = timing

@@ -1,4 +1,5 @@
-"""Per-request sampling parameters and next-token selection (greedy, temperature, top-k, top-p)."""
+"""Per-request sampling parameters and next-token selection: greedy, temperature, top-k, top-p,
+minimum length and banned words."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    end_id: int | None = None  # replaces the engine's EOS ids for this request
+    min_tokens: int = 0  # EOS is banned until this many tokens were generated
+    bad_words: list[str] = field(default_factory=list)  # never generated (as token sequences)
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -27,8 +31,11 @@ class SamplingParams:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InputError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        for name in ("stop", "bad_words"):
+            if any(not isinstance(s, str) or not s for s in getattr(self, name)):
+                raise InputError(f"{name} must be non-empty strings, got {getattr(self, name)!r}")
+        if self.min_tokens < 0:
+            raise InputError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -46,10 +53,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 class Sampler:
-    """One per request: holds its parameters and its own seeded generator."""
+    """One per request: its parameters, its EOS ids, its banned token sequences, its own generator."""
 
-    def __init__(self, params: SamplingParams, device: torch.device):
-        self.params = params
+    def __init__(self, params: SamplingParams, device: torch.device, eos: set[int], bad: list[list[int]]):
+        self.params, self.eos, self.bad = params, sorted(eos), [b for b in bad if b]
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -58,8 +65,13 @@ class Sampler:
             else:
                 self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """(vocab,) logits -> 0-d token id tensor."""
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+        """(vocab,) logits and the tokens generated so far -> 0-d next token id tensor."""
+        banned = [seq[-1] for seq in self.bad if history[len(history) - len(seq) + 1:] == seq[:-1]]
+        if len(history) < self.params.min_tokens:
+            banned += self.eos
+        if banned:
+            logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), -math.inf)
         if self.generator is None:
             return logits.argmax()
         p = self.params

@@ -96,3 +96,21 @@ def test_bad_requests_are_refused(engine, images):
         engine.generate([PROMPT], [None])
     with pytest.raises(InputError, match="top_p"):
         engine.generate([PROMPT], [images[0]], top_p=0.0)
+
+
+def test_end_id_min_tokens_and_bad_words(engine, images):
+    from builder.sampling import SamplingParams
+
+    base = engine.generate([PROMPT], [images[0]], max_new_tokens=8)[0].token_ids
+
+    def run(**kw):
+        return engine.generate([PROMPT], [images[0]], params=[SamplingParams(max_new_tokens=8, **kw)])[0]
+
+    stopped = run(end_id=base[1])
+    assert stopped.token_ids == base[:2] and stopped.finish_reason == "stop"
+    late = run(end_id=base[1], min_tokens=4)
+    assert late.token_ids[0] == base[0] and len(late.token_ids) >= 4
+    assert base[1] not in late.token_ids[:4]
+    word = engine.tokenizer.decode([base[2]])
+    banned = run(bad_words=[word])
+    assert banned.token_ids[:2] == base[:2] and base[2] not in banned.token_ids
