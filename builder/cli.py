@@ -106,6 +106,37 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_package(args) -> int:
+    from .package import package_repo
+
+    model = package_repo(args.engine, args.output, args.model_name, args.instances, args.max_batch_size,
+                         args.copy_engine, args.device, args.max_queue_delay_us, args.force)
+    print(f"model repository written to {args.output} (model '{model.name}')")
+    print(f"serve it:  python -m builder serve --repo {args.output}")
+    print(f"or, in NVIDIA's Triton container (with pdrop installed):  tritonserver --model-repository={args.output}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from .triton_server import TritonServer
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = TritonServer(args.repo, args.host, args.grpc_port, args.http_port, args.log_file, args.verbose)
+    with server:
+        print(f"serving {', '.join(server.models())} on grpc://{server.grpc_url} "
+              f"(http://{server.host}:{server.http_port}); Ctrl-C stops", flush=True)
+        while not stop.wait(0.5):
+            if server.proc.poll() is not None:
+                raise ConfigError(f"tritonserver exited unexpectedly with code {server.proc.returncode}")
+    print("stopped", flush=True)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m builder", description="pdrop: LLaVA-NeXT engines with PyramidDrop")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -145,6 +176,27 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     r.add_argument("--keep-map", metavar="OUT.png", help="draw which image patches survived each stage")
     r.set_defaults(func=cmd_run)
+
+    k = sub.add_parser("package", help="turn an engine into a Triton model repository")
+    k.add_argument("--engine", required=True, help="engine directory")
+    k.add_argument("--output", required=True, help="model repository directory to write")
+    k.add_argument("--model-name", default="pdrop", help="'ensemble' makes it a drop-in for tensorrtllm_backend clients")
+    k.add_argument("--instances", type=int, default=1, help="model instances (each loads the engine)")
+    k.add_argument("--max-batch-size", type=int, help="Triton batch size (default: the engine's)")
+    k.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching window")
+    k.add_argument("--device", default="auto", help="where the model runs: auto | cpu | cuda | cuda:N")
+    k.add_argument("--copy-engine", action="store_true", help="copy the engine into the repository")
+    k.add_argument("--force", action="store_true", help="replace an existing output directory")
+    k.set_defaults(func=cmd_package)
+
+    s = sub.add_parser("serve", help="run tritonserver (from nvidia-pytriton) on a model repository")
+    s.add_argument("--repo", required=True, help="model repository (from `package`)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--log-file", help="tritonserver's log (default: discarded)")
+    s.add_argument("--verbose", action="store_true", help="verbose tritonserver log")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,20 +1,16 @@
 """Checkpoint -> engine directory: fuse and rename weights, write the manifest, atomically.
 
-The engine is written into a hidden temporary directory beside the output and renamed into place
-only when complete, so a failed or interrupted build leaves nothing behind.
+The engine is staged beside the output and renamed into place only when complete (atomic.py).
 """
 from __future__ import annotations
 
-import shutil
-import signal
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .atomic import staging_dir
 from .checkpoint import Checkpoint
 from .config import Limits, PyramidSchedule
 from .engine_format import LLM_WEIGHTS, MANIFEST, VISION_WEIGHTS, Manifest, checksum_dir
@@ -71,35 +67,6 @@ def eos_ids(ckpt: Checkpoint) -> list[int]:
     gen = (ckpt.generation_config or {}).get("eos_token_id")
     ids.update(gen if isinstance(gen, list) else [gen])
     return sorted(i for i in ids if i is not None)
-
-
-@contextmanager
-def staging_dir(output: Path, force: bool):
-    """Yield a temp dir next to `output`; on success it replaces `output`, on any failure it vanishes."""
-    if output.exists() and not force:
-        raise ConfigError(f"output {output} exists; pass --force to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an engine is meant to be shared
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield tmp
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{tmp.name}")
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_weights(ckpt: Checkpoint, plan: dict[str, list[str]], dtype: torch.dtype, path: Path, bar: tqdm) -> int:

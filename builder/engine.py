@@ -241,7 +241,8 @@ class Engine:
         t0 = time.perf_counter() if t0 is None else t0
         max_seq = self.manifest.limits.max_seq_len
         budgets = [min(r.params.max_new_tokens, max_seq - r.input_ids.numel()) for r in reqs]
-        self.llm.setup_caches(len(reqs), max(r.input_ids.numel() + b for r, b in zip(reqs, budgets)))
+        # finished rows keep stepping with the batch, so every row may grow by the largest budget
+        self.llm.setup_caches(len(reqs), max(r.input_ids.numel() for r in reqs) + max(budgets))
         rows = [_Row(self.tokenizer, r.params, {r.params.end_id} if r.params.end_id is not None
                      else set(self.manifest.eos_token_ids), b, self.device) for r, b in zip(reqs, budgets)]
 

@@ -77,6 +77,18 @@ def test_batch_equals_one_at_a_time(engine, images):
     assert len({b.image_tokens for b in batch if b.image_tokens}) == 3  # ragged: three different counts
 
 
+def test_batch_with_different_lengths_and_budgets(engine, images):
+    """The longest prompt asks for the fewest tokens: it keeps stepping while the others finish."""
+    from builder.sampling import SamplingParams
+
+    prompts, imgs = [PROMPT, "USER: hi ASSISTANT:"], [images[2], None]
+    params = [SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=9)]
+    batch = engine.generate(prompts, imgs, params=params)
+    assert [len(r.token_ids) for r in batch] == [2, 9]
+    for p, im, sp, b in zip(prompts, imgs, params, batch):
+        assert b.token_ids == engine.generate([p], [im], params=[sp])[0].token_ids
+
+
 def test_per_request_drop_ratio_in_one_batch(engine, images):
     a, b = engine.generate([PROMPT, PROMPT], [images[0], images[0]], max_new_tokens=4, drop_ratio=[0.0, 0.5])
     assert [s.tokens_kept for s in a.stages] == [a.image_tokens] * 3

@@ -1,0 +1,94 @@
+"""A small tritonclient gRPC client for a served engine, as tensorrtllm_backend's clients talk.
+
+Every input is a [1, 1] array (the model's batch dimension is implicit); a streamed request gets
+one response per token and a final flag.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import queue
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .images import load_image
+
+# optional inputs and their numpy types (as the model's config.pbtxt declares them)
+OPTIONAL = {"temperature": np.float32, "top_p": np.float32, "top_k": np.int32, "end_id": np.int32,
+            "pad_id": np.int32, "min_tokens": np.int32, "min_length": np.int32, "seed": np.uint64,
+            "exclude_input_in_output": np.bool_, "drop_ratio": np.float32}
+
+
+def data_url(image) -> str:
+    """An image (path, bytes, PIL, array) as a data:image/png;base64 URL."""
+    buf = io.BytesIO()
+    load_image(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def tensor(name: str, value) -> "InferInput":
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    arr = np.asarray(value)
+    if arr.dtype.kind in "USO":
+        arr = np.array([[v.encode() if isinstance(v, str) else v for v in np.atleast_1d(value)]], dtype=np.object_)
+    elif arr.ndim == 0:
+        arr = arr.reshape(1, 1)
+    t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def request_inputs(prompt: str, max_tokens: int, image=None, stream: bool = True, stop_words=(), bad_words=(),
+                   **optional) -> list:
+    inputs = [tensor("text_input", [prompt]), tensor("max_tokens", np.int32(max_tokens)),
+              tensor("stream", np.bool_(stream))]
+    if image is not None:
+        inputs.append(tensor("image_url_input", [data_url(image)]))
+    for name, words in (("stop_words", stop_words), ("bad_words", bad_words)):
+        if words:
+            inputs.append(tensor(name, list(words)))
+    for name, value in optional.items():
+        if name not in OPTIONAL:
+            raise ValueError(f"unknown input {name}")
+        inputs.append(tensor(name, OPTIONAL[name](value)))
+    return inputs
+
+
+@dataclass
+class Answer:
+    """What one request got back: text, token ids, per-response arrival times, outputs of the last."""
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # perf_counter at each response
+    sent: float = 0.0
+    last: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def infer(client, model: str, inputs: list, timeout: float = 120.0, request_id: str = "0") -> Answer:
+    """Send one request on a fresh stream of `client` and collect every response until the final one."""
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
+    answer = Answer(sent=time.perf_counter())
+    try:
+        client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
+        while True:
+            result, error, at = responses.get(timeout=timeout)
+            if error is not None:
+                answer.error = str(error)
+                return answer
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            text = result.as_numpy("text_output")
+            if text is not None:
+                answer.times.append(at)
+                answer.text += b"".join(text.reshape(-1)).decode("utf-8")
+                answer.ids += result.as_numpy("output_ids").reshape(-1).tolist()
+                answer.last = {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+            if final:
+                return answer
+    finally:
+        client.stop_stream(cancel_requests=True)

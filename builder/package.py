@@ -1,0 +1,62 @@
+"""Engine -> Triton model repository: fill the `triton_repo/` template, validate, write atomically.
+
+    REPO/<model-name>/config.pbtxt     the template, filled (batch size, instances, engine path)
+    REPO/<model-name>/1/model.py       the Python-backend model
+    REPO/<model-name>/1/engine/        the engine itself, with --copy-engine (else referenced by path)
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from string import Template
+
+from .atomic import staging_dir
+from .engine_format import read_manifest
+from .errors import ConfigError, PdropError
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "triton_repo" / "pdrop"
+
+
+def validate_config(text: str) -> None:
+    """Parse config.pbtxt with Triton's own ModelConfig schema (from tritonclient)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise PdropError(f"generated config.pbtxt is invalid: {e}") from None
+
+
+def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdrop", instances: int = 1,
+                 max_batch_size: int | None = None, copy_engine: bool = False, device: str = "auto",
+                 max_queue_delay_us: int = 2000, force: bool = False) -> Path:
+    """Write a model repository serving `engine`; returns the model's directory."""
+    engine, output = Path(engine).resolve(), Path(output).resolve()
+    manifest = read_manifest(engine, verify=True)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name):
+        raise ConfigError(f"--model-name may hold letters, digits, '_', '.' and '-', got '{model_name}'")
+    limit = manifest.limits.max_batch_size
+    batch = limit if max_batch_size is None else max_batch_size
+    if not 1 <= batch <= limit:
+        raise ConfigError(f"--max-batch-size must be in 1..{limit} (the engine's limit), got {batch}")
+    if instances < 1:
+        raise ConfigError(f"--instances must be positive, got {instances}")
+    if not (TEMPLATE / "config.pbtxt").is_file():
+        raise PdropError(f"model repository template not found at {TEMPLATE}: package needs a source checkout")
+    engine_ref = output / model_name / "1" / "engine" if copy_engine else engine
+    if '"' in str(engine_ref) or "\\" in str(engine_ref):
+        raise ConfigError(f"the engine path may not contain quotes or backslashes: {engine_ref}")
+    text = Template((TEMPLATE / "config.pbtxt").read_text()).substitute(
+        model_name=model_name, max_batch_size=batch, instances=instances, engine_dir=engine_ref, device=device,
+        max_queue_delay_microseconds=max_queue_delay_us)
+    validate_config(text)
+    with staging_dir(output, force) as tmp:
+        version = tmp / model_name / "1"
+        version.mkdir(parents=True)
+        shutil.copy(TEMPLATE / "1" / "model.py", version / "model.py")
+        if copy_engine:
+            shutil.copytree(engine, version / "engine")
+        (tmp / model_name / "config.pbtxt").write_text(text)
+    return output / model_name
