@@ -106,7 +106,7 @@ RUN_ERRORS = {
     # extra cases (product fixes): these were tracebacks or a silently empty answer
     "image-bomb": (["--image", "{bomb}", "--prompt", "hi"], "decompression bomb"),
     "prompt-image-no-image": (["--prompt", "<image> what?"], "no image was given"),
-    "stop-empty": (["--prompt", "hi", "--stop", ""], "stop strings must be non-empty"),
+    "stop-empty": (["--prompt", "hi", "--stop", ""], "stop must be non-empty strings"),
     "device-unknown": (["--prompt", "hi", "--device", "bogus"], "unsupported device 'bogus'"),
     "device-absent": (["--prompt", "hi", "--device", "cuda:99"], "no CUDA device 'cuda:99'"),
 }
