@@ -56,8 +56,9 @@ def cmd_build(args) -> int:
     # leave room for an answer: 512 tokens, or half the sequence on small models
     limits = Limits(args.max_batch_size, args.max_input_len or max_seq - min(512, max_seq // 2), max_seq)
     output = Path(args.output or f"engines/{Path(model).name}")
+    archs = [a.strip() for a in args.cuda_archs.split(",")] if args.cuda_archs else None
     manifest, params = build_engine(ckpt, output, schedule, limits, args.dtype, args.force,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, plugins=args.plugins, cuda_archs=archs)
     n_img = _largest_image_tokens(manifest.vision)
     fl = report(llm, schedule, n_img, 32)
     per_stage = schedule.tokens_per_layer(n_img, llm.n_layers)
@@ -71,6 +72,9 @@ def cmd_build(args) -> int:
         print(f"  prefill      {label:13} {_flops(f['no_drop'])} -> {_flops(f['drop'])} "
               f"({100 * (1 - f['ratio']):.1f}% less)")
     print(f"  limits       batch {limits.max_batch_size}, input {limits.max_input_len}, seq {limits.max_seq_len}")
+    plug = manifest.plugins
+    print(f"  kernels      {plug['library']} (sm_{', sm_'.join(plug['archs'])})" if plug["library"]
+          else f"  kernels      none ({plug['reason']}): the drop runs on torch ops")
     return 0
 
 
@@ -156,6 +160,9 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", help="engine directory (default engines/<model name>)")
     b.add_argument("--force", action="store_true", help="replace an existing output directory")
     b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    b.add_argument("--plugins", default="auto",
+                   help="compile the drop's CUDA kernels into the engine: auto (when nvcc is found), on, off")
+    b.add_argument("--cuda-archs", help="GPU architectures for the kernels, e.g. 80,90 (default 80,86,89,90)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_build)
 

@@ -4,6 +4,7 @@ The engine is staged beside the output and renamed into place only when complete
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -81,8 +82,22 @@ def _write_weights(ckpt: Checkpoint, plan: dict[str, list[str]], dtype: torch.dt
     return count
 
 
+def plugin_library(mode: str, archs: list[str] | None, progress: bool) -> tuple[Path | None, dict]:
+    """The kernel library to ship ('auto': when nvcc is there, 'on': required, 'off') and its record."""
+    from .plugin_build import DEFAULT_ARCHS, KERNELS, LIBRARY, compile_plugins, find_nvcc
+
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"--plugins must be auto, on or off, got '{mode}'")
+    if mode == "off" or (mode == "auto" and find_nvcc() is None):
+        reason = "disabled" if mode == "off" else "nvcc not found at build time"
+        return None, {"library": None, "reason": reason}
+    path = compile_plugins(archs, progress=progress)
+    return path, {"library": LIBRARY, "kernels": KERNELS, "archs": archs or DEFAULT_ARCHS, "abi_version": 1}
+
+
 def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule, limits: Limits,
-                 dtype: str = "auto", force: bool = False, progress: bool = True) -> tuple[Manifest, int]:
+                 dtype: str = "auto", force: bool = False, progress: bool = True, plugins: str = "off",
+                 cuda_archs: list[str] | None = None) -> tuple[Manifest, int]:
     """Convert `ckpt` into an engine directory at `output`. Returns the manifest and parameter count."""
     llm = ckpt.llm
     limits.validate(llm, ckpt.sliding_window)
@@ -90,7 +105,10 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
     tied = "lm_head.weight" not in ckpt.names
     llm_plan, vision_plan = llm_weight_plan(llm.n_layers, tied), vision_weight_plan(ckpt.names)
     output = Path(output)
+    library, plugin_record = plugin_library(plugins, cuda_archs, progress)
     with staging_dir(output, force) as tmp:
+        if library is not None:
+            shutil.copy(library, tmp / library.name)
         total = sum(len(s) for s in llm_plan.values()) + sum(len(s) for s in vision_plan.values())
         with tqdm(total=total, desc="converting", unit="tensor", disable=not progress) as bar:
             params = _write_weights(ckpt, llm_plan, DTYPES[dtype], tmp / LLM_WEIGHTS, bar)
@@ -102,6 +120,7 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
         manifest = Manifest(
             llm=llm, vision=vision_spec(ckpt), pyramid=schedule, dtype=dtype, limits=limits,
             image_token_id=ckpt.hf_config.image_token_id, eos_token_ids=eos_ids(ckpt),
-            source={"checkpoint": ckpt.source, "fingerprint": ckpt.fingerprint}, files=checksum_dir(tmp))
+            source={"checkpoint": ckpt.source, "fingerprint": ckpt.fingerprint}, files=checksum_dir(tmp),
+            plugins=plugin_record)
         (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest, params

@@ -10,6 +10,7 @@ static KV cache, then all rows decode together.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -121,6 +122,20 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def load_kernels(path: Path, manifest, device: torch.device):
+    """The engine's CUDA kernels on a CUDA device; else None (the torch ops), said once."""
+    if device.type != "cuda":
+        return None
+    library = manifest.plugins.get("library")
+    if library is None:
+        warnings.warn(f"pdrop: engine has no CUDA kernels ({manifest.plugins.get('reason', 'not built')}); "
+                      "the drop runs on torch ops", stacklevel=3)
+        return None
+    from .kernels import Kernels
+
+    return Kernels(path / library)
+
+
 class Engine:
     def __init__(self, path: Path, manifest, llm: Transformer, vision: VisionEncoder, processor, device):
         self.path, self.manifest, self.llm, self.vision = path, manifest, llm, vision
@@ -143,6 +158,7 @@ class Engine:
         llm.load_state_dict(load_file(path / LLM_WEIGHTS, device=str(device)), assign=True)
         llm.rope = Rope(cfg.head_dim, cfg.rope_theta, manifest.limits.max_seq_len)
         llm = llm.to(device=device, dtype=torch_dtype).eval()
+        llm.kernels = load_kernels(path, manifest, device)
         vision = VisionEncoder(manifest.vision, cfg.dim)
         vision.load_weights(load_file(path / VISION_WEIGHTS))
         vision = vision.to(device=device, dtype=torch_dtype).eval()

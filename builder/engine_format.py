@@ -3,6 +3,7 @@
     manifest.json       format version, model configs, pyramid schedule, dtype, limits, source
                         fingerprint, sha256 of every other file, builder version
     llm.safetensors     decoder weights, fused wqkv and w13 (gate, up), (out, in) layout
+    libpdrop_plugins.so the drop's CUDA kernels (when nvcc was there at build time)
     vision.safetensors  CLIP tower (`tower.*`), projector (`projector.*`), `image_newline`
     tokenizer.json, processor_config.json, chat_template.jinja, ...   as transformers saves them
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -34,6 +35,7 @@ class Manifest:
     eos_token_ids: list[int]
     source: dict
     files: dict[str, str]
+    plugins: dict = field(default_factory=dict)  # {"library", "kernels", "archs", "abi_version"} or {"reason"}
     builder_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -42,7 +44,8 @@ class Manifest:
             "format_version": self.format_version, "builder_version": self.builder_version,
             "llm": self.llm.to_dict(), "vision": self.vision, "pyramid": self.pyramid.to_dict(),
             "dtype": self.dtype, "limits": self.limits.to_dict(), "image_token_id": self.image_token_id,
-            "eos_token_ids": self.eos_token_ids, "source": self.source, "files": self.files}, indent=2)
+            "eos_token_ids": self.eos_token_ids, "source": self.source, "plugins": self.plugins,
+            "files": self.files}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
@@ -52,7 +55,7 @@ class Manifest:
                               f"builder (expects {FORMAT_VERSION}); rebuild the engine")
         return cls(llm=LLMConfig.from_dict(d["llm"]), vision=d["vision"], pyramid=PyramidSchedule(**d["pyramid"]),
                    dtype=d["dtype"], limits=Limits(**d["limits"]), image_token_id=d["image_token_id"],
-                   eos_token_ids=d["eos_token_ids"], source=d["source"], files=d["files"],
+                   eos_token_ids=d["eos_token_ids"], source=d["source"], files=d["files"], plugins=d["plugins"],
                    builder_version=d["builder_version"], format_version=d["format_version"])
 
 

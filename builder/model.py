@@ -92,6 +92,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_seq_len)
+        self.kernels = None  # builder.kernels.Kernels on CUDA when the engine ships them
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         p = self.output.weight
@@ -111,7 +112,7 @@ class Transformer(nn.Module):
                 if schedule.active:
                     pos = torch.arange(h.shape[1], device=h.device)
                     keep = schedule.kept_after(span.n_original, schedule.layers.index(i))
-                    h, span, stats = pyramid.drop(layer, self.rope(pos, h.dtype), h, span, keep, i)
+                    h, span, stats = pyramid.drop(layer, self.rope(pos, h.dtype), h, span, keep, i, self.kernels)
                 else:
                     stats = pyramid.StageStats(i, span.n_alive, span.n_alive, span.original.tolist())
                 stages.append(stats)

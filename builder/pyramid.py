@@ -41,8 +41,10 @@ class StageStats:
                 "kept": self.kept}
 
 
-def last_token_attention(layer, rope: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-    """Head-averaged fp32 attention of the last token of h (1, L, dim) over all L keys -> (L,)."""
+def query_and_keys(layer, rope: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer's RoPE'd query of the last token of h (1, L, dim) and keys of all L tokens:
+    (H, hd) and (L, KV, hd)."""
     attn = layer.attention
     cfg = attn.cfg
     x = layer.attention_norm(h)
@@ -52,9 +54,15 @@ def last_token_attention(layer, rope: tuple[torch.Tensor, torch.Tensor], h: torc
     cos, sin = rope
     q = apply_rope(attn.split_heads(q, cfg.n_heads), cos[..., -1:, :], sin[..., -1:, :])  # (1, H, 1, hd)
     k = apply_rope(attn.split_heads(k, cfg.n_kv_heads), cos, sin)  # (1, KV, L, hd)
-    k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)  # (1, H, L, hd)
-    logits = (q.float() @ k.float().transpose(-1, -2)) / cfg.head_dim ** 0.5  # (1, H, 1, L)
-    return logits.softmax(dim=-1).mean(dim=1)[0, 0]
+    return q[0, :, 0], k[0].transpose(0, 1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Head-averaged fp32 softmax attention of q (H, hd) over the keys k (L, KV, hd) -> (L,)."""
+    heads, head_dim = q.shape
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)  # GQA: (L, H, hd)
+    logits = torch.einsum("hd,lhd->hl", q.float(), k.float()) / head_dim ** 0.5
+    return logits.softmax(dim=-1).mean(dim=0)
 
 
 def select(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -63,14 +71,21 @@ def select(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return order[:keep].sort().values
 
 
-def drop(layer, rope, h: torch.Tensor, span: ImageSpan, keep: int, layer_index: int
+def drop(layer, rope, h: torch.Tensor, span: ImageSpan, keep: int, layer_index: int, kernels=None
          ) -> tuple[torch.Tensor, ImageSpan, StageStats]:
-    """Score the alive image tokens of h (1, L, dim) and compact h to the `keep` best of them."""
-    n = span.n_alive
-    scores = last_token_attention(layer, rope, h)[span.start:span.start + n]
-    kept = select(scores, min(keep, n))
-    seq = torch.arange(h.shape[1], device=h.device)
-    rows = torch.cat((seq[:span.start], kept + span.start, seq[span.start + n:]))
+    """Score the alive image tokens of h (1, L, dim) and compact h to the `keep` best of them, with
+    the CUDA kernels when given (builder/kernels.py), else with torch ops."""
+    n, length = span.n_alive, h.shape[1]
+    keep = min(keep, n)
+    q, k = query_and_keys(layer, rope, h)
+    if kernels is None:
+        kept = select(attention(q, k)[span.start:span.start + n], keep)
+        seq = torch.arange(length, device=h.device)
+        h = h[:, torch.cat((seq[:span.start], kept + span.start, seq[span.start + n:]))]
+    else:
+        scores = kernels.score(q[None], k, [length], [span.start], [n])
+        kept32 = kernels.select(scores, [n], [keep])
+        h = kernels.compact(h[0], [length], [span.start], [n], kept32, [keep])[None]
+        kept = kept32.long()
     new_span = ImageSpan(span.start, span.n_original, span.original[kept])
-    stats = StageStats(layer_index, n, kept.numel(), new_span.original.tolist())
-    return h[:, rows], new_span, stats
+    return h, new_span, StageStats(layer_index, n, keep, new_span.original.tolist())

@@ -33,7 +33,8 @@ def make_engine(args, tmp: Path) -> Path:
     ckpt = preset_checkpoint(args.preset)
     llm = ckpt.llm
     limits = Limits(args.batch, llm.max_position_embeddings - 512, llm.max_position_embeddings)
-    build_engine(ckpt, tmp / args.preset, PyramidSchedule.create(llm.n_layers, 0.5), limits, args.dtype)
+    build_engine(ckpt, tmp / args.preset, PyramidSchedule.create(llm.n_layers, 0.5), limits, args.dtype,
+                 plugins="auto")
     return tmp / args.preset
 
 

@@ -1,0 +1,85 @@
+"""The CUDA kernels against the torch reference of the same rule (`pytest -m gpu`, on a GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from builder import pyramid
+from builder.engine import Engine
+from builder.kernels import Kernels
+from builder.plugin_build import compile_plugins, find_nvcc
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+              pytest.mark.skipif(find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    major, minor = torch.cuda.get_device_capability()
+    return Kernels(compile_plugins([f"{major}{minor}"], progress=False))
+
+
+def ragged_batch(gen, n_seq, dtype, heads=32, kv=8, dim=128):
+    """Random ragged sequences: text before, an image span of 0..3000 tokens, text after."""
+    seqs = []
+    for _ in range(n_seq):
+        n = int(torch.randint(0, 3001, (1,), generator=gen))
+        before, after = (int(x) for x in torch.randint(1, 40, (2,), generator=gen))
+        seqs.append((before, n, before + n + after))
+    q = torch.randn(n_seq, heads, dim, generator=gen).to("cuda", dtype)
+    k = torch.randn(sum(s[2] for s in seqs), kv, dim, generator=gen).to("cuda", dtype)
+    return q, k, seqs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(4))
+def test_kernels_equal_the_torch_reference(kernels, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, seqs = ragged_batch(gen, 1 + seed * 2 + (dtype == torch.float32), dtype)
+    lens, starts, ns = [s[2] for s in seqs], [s[0] for s in seqs], [s[1] for s in seqs]
+    keep_fracs = [0.0, 1.0, 0.5, 0.25, 0.125, 0.9, 0.01, 0.75, 0.3]
+    keeps = [int(n * keep_fracs[i % len(keep_fracs)]) for i, n in enumerate(ns)]
+
+    scores = kernels.score(q, k, lens, starts, ns)
+    kept = kernels.select(scores, ns, keeps)
+    hidden = torch.randn(sum(lens), 4096, generator=gen).to("cuda", dtype)
+    out = kernels.compact(hidden, lens, starts, ns, kept, keeps)
+    torch.cuda.synchronize()
+
+    off = img_off = kept_off = out_off = 0
+    for b, (start, n, length) in enumerate(seqs):
+        ref_scores = pyramid.attention(q[b], k[off:off + length])[start:start + n]
+        mine = scores[img_off:img_off + n]
+        torch.testing.assert_close(mine, ref_scores, rtol=1e-4, atol=1e-7)
+        # selection is exact: the same indices as the reference rule on the same scores
+        ref_kept = pyramid.select(mine, keeps[b])
+        assert torch.equal(kept[kept_off:kept_off + keeps[b]].long(), ref_kept)
+        rows = torch.cat((torch.arange(start), ref_kept.cpu() + start, torch.arange(start + n, length))).cuda()
+        new_len = length - n + keeps[b]
+        assert torch.equal(out[out_off:out_off + new_len], hidden[off:off + length][rows])  # bitwise
+        off, img_off, kept_off, out_off = off + length, img_off + n, kept_off + keeps[b], out_off + new_len
+
+
+def test_select_ties_go_to_the_lower_index(kernels):
+    scores = torch.tensor([0.1, 0.5, 0.5, 0.2, 0.5, 0.0, 0.5], device="cuda")
+    for keep in range(8):
+        assert kernels.select(scores, [7], [keep]).tolist() == pyramid.select(scores, keep).tolist()
+
+
+def test_engine_greedy_with_kernels_equals_torch_ops(engine_dir, demo_ckpt, images, tmp_path):
+    from builder.config import Limits, PyramidSchedule
+    from builder.convert import build_engine
+
+    major, minor = torch.cuda.get_device_capability()
+    build_engine(demo_ckpt, tmp_path / "e", PyramidSchedule.create(8, 0.5, [2, 4, 6]), Limits(4, 1536, 2048),
+                 progress=False, plugins="on", cuda_archs=[f"{major}{minor}"])
+    fast = Engine.load(tmp_path / "e", device="cuda")
+    assert fast.llm.kernels is not None
+    plain = Engine.load(tmp_path / "e", device="cuda")
+    plain.llm.kernels = None
+    prompts = ["USER: <image>\nWhat? ASSISTANT:"] * 3
+    imgs = images[:3]
+    for a, b in zip(fast.generate(prompts, imgs, max_new_tokens=16), plain.generate(prompts, imgs, max_new_tokens=16)):
+        assert a.token_ids == b.token_ids
+        assert [s.kept for s in a.stages] == [s.kept for s in b.stages]

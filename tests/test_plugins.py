@@ -1,0 +1,80 @@
+"""The CUDA kernel library on a machine without a GPU: it compiles (warnings as errors), loads,
+and its C header agrees with the ctypes binding. The kernels' numbers are checked in
+test_gpu_kernels.py, on a GPU."""
+from __future__ import annotations
+
+import ctypes
+import re
+
+import pytest
+
+from builder.engine import Engine
+from builder.kernels import ABI_VERSION, SIGNATURES, Kernels
+from builder.plugin_build import PLUGINS, compile_plugins, find_nvcc
+
+pytestmark = pytest.mark.skipif(find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")
+
+C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float, "size_t": ctypes.c_size_t,
+           "const char*": ctypes.c_char_p}
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """Compiled for sm_80 and sm_90 into an empty cache, so nvcc really runs."""
+    return compile_plugins(["80", "90"], cache=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def ctype(decl: str, named: bool):
+    """A C declaration ('const void* q', 'int batch', 'size_t') as the ctypes type it passes as."""
+    words = decl.replace("*", "* ").split()
+    if named:
+        words = words[:-1]  # the parameter's name
+    kind = " ".join(words).replace(" *", "*").replace("* ", "*")
+    if kind in C_TYPES:
+        return C_TYPES[kind]
+    assert kind.endswith("*") or kind == "cudaStream_t", f"unmapped C type {kind!r}"
+    return ctypes.c_void_p
+
+
+def header_prototypes() -> dict[str, tuple[object, list[object]]]:
+    text = re.sub(r"/\*.*?\*/", "", (PLUGINS / "include" / "pdrop_plugins.h").read_text(), flags=re.S)
+    protos = {}
+    for ret, name, params in re.findall(r"^([\w ]+\**)\s+(pdrop_\w+)\(([^)]*)\);", text, flags=re.M):
+        args = [] if params.strip() == "void" else [ctype(p, named=True) for p in params.split(",")]
+        protos[name] = (ctype(ret, named=False), args)
+    return protos
+
+
+def test_header_and_binding_agree():
+    assert header_prototypes() == {name: (ret, args) for name, (ret, args) in SIGNATURES.items()}
+
+
+def test_library_compiles_loads_and_answers_without_a_gpu(library):
+    kernels = Kernels(library)
+    lib = kernels.lib
+    assert lib.pdrop_abi_version() == ABI_VERSION
+    assert lib.pdrop_status_string(1) == b"invalid argument"
+    assert lib.pdrop_score_workspace_size(2, 32, 3000, 5000) == (2 * 32 * 3000 + 32 * 5000) * 4
+    # bad arguments are refused before any CUDA call
+    assert lib.pdrop_select(None, None, None, None, None, 1, None, None) == 1
+    assert lib.pdrop_compact(None, None, None, None, None, None, None, 1, 4, 16, None, None) == 1
+    assert lib.pdrop_score(*([None] * 6), 1, 32, 5, 128, 100, 10, 0.1, 0, None, None, None) == 1  # 32 % 5 heads
+
+
+def test_library_is_cached_by_source_hash(library):
+    assert compile_plugins(["80", "90"], cache=library.parent.parent, progress=False) == library
+
+
+def test_engine_ships_the_kernels_and_cpu_runs_torch_ops(demo_ckpt, tmp_path, images):
+    from builder.config import Limits, PyramidSchedule
+    from builder.convert import build_engine
+
+    manifest, _ = build_engine(demo_ckpt, tmp_path / "e", PyramidSchedule.create(8, 0.5, [2, 4, 6]),
+                               Limits(2, 1536, 2048), progress=False, plugins="on", cuda_archs=["80"])
+    assert manifest.plugins == {"library": "libpdrop_plugins.so", "kernels": ["pdrop_score", "pdrop_select",
+                                "pdrop_compact"], "archs": ["80"], "abi_version": 1}
+    assert "libpdrop_plugins.so" in manifest.files
+    engine = Engine.load(tmp_path / "e", device="cpu")
+    assert engine.llm.kernels is None
+    [r] = engine.generate(["<image>\nHi ASSISTANT:"], [images[0]], max_new_tokens=3)
+    assert [s.tokens_kept for s in r.stages] == [84, 42, 21]
