@@ -82,17 +82,25 @@ def _write_weights(ckpt: Checkpoint, plan: dict[str, list[str]], dtype: torch.dt
     return count
 
 
-def plugin_library(mode: str, archs: list[str] | None, progress: bool) -> tuple[Path | None, dict]:
-    """The kernel library to ship ('auto': when nvcc is there, 'on': required, 'off') and its record."""
-    from .plugin_build import DEFAULT_ARCHS, KERNELS, LIBRARY, compile_plugins, find_nvcc
+def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tuple[list[Path], dict]:
+    """The libraries to ship ('auto': when nvcc is there, 'on': required, 'off') and their record:
+    the kernels, and the TensorRT plugin where TensorRT headers are found."""
+    from .plugin_build import (DEFAULT_ARCHS, KERNELS, LIBRARY, TRT_LIBRARY, TRT_PLUGIN, compile_plugins,
+                               find_nvcc, find_tensorrt_include)
 
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"--plugins must be auto, on or off, got '{mode}'")
     if mode == "off" or (mode == "auto" and find_nvcc() is None):
         reason = "disabled" if mode == "off" else "nvcc not found at build time"
-        return None, {"library": None, "reason": reason}
-    path = compile_plugins(archs, progress=progress)
-    return path, {"library": LIBRARY, "kernels": KERNELS, "archs": archs or DEFAULT_ARCHS, "abi_version": 1}
+        return [], {"library": None, "reason": reason}
+    archs = archs or DEFAULT_ARCHS
+    paths = [compile_plugins(archs, progress=progress)]
+    record = {"library": LIBRARY, "kernels": KERNELS, "archs": archs, "abi_version": 1, "tensorrt_plugin": None}
+    tensorrt = find_tensorrt_include()
+    if tensorrt:
+        paths.append(compile_plugins(archs, progress=progress, tensorrt=tensorrt))
+        record["tensorrt_plugin"] = {"library": TRT_LIBRARY, **TRT_PLUGIN}
+    return paths, record
 
 
 def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule, limits: Limits,
@@ -105,9 +113,9 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
     tied = "lm_head.weight" not in ckpt.names
     llm_plan, vision_plan = llm_weight_plan(llm.n_layers, tied), vision_weight_plan(ckpt.names)
     output = Path(output)
-    library, plugin_record = plugin_library(plugins, cuda_archs, progress)
+    libraries, plugin_record = plugin_libraries(plugins, cuda_archs, progress)
     with staging_dir(output, force) as tmp:
-        if library is not None:
+        for library in libraries:
             shutil.copy(library, tmp / library.name)
         total = sum(len(s) for s in llm_plan.values()) + sum(len(s) for s in vision_plan.values())
         with tqdm(total=total, desc="converting", unit="tensor", disable=not progress) as bar:

@@ -13,6 +13,8 @@ from .errors import PdropError
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
 LIBRARY = "libpdrop_plugins.so"
+TRT_LIBRARY = "libpdrop_trt_plugin.so"
+TRT_PLUGIN = {"name": "PdropRankCompact", "version": "1", "namespace": "pdrop"}
 KERNELS = ["pdrop_score", "pdrop_select", "pdrop_compact"]
 DEFAULT_ARCHS = ["80", "86", "89", "90"]
 
@@ -25,16 +27,30 @@ def find_nvcc() -> str | None:
     return None
 
 
-def nvcc_command(nvcc: str, archs: list[str], out: Path) -> list[str]:
+def find_tensorrt_include() -> Path | None:
+    """TensorRT's C++ headers: $TENSORRT_INCLUDE, or $TENSORRT_ROOT/include."""
+    for candidate in (os.environ.get("TENSORRT_INCLUDE"),
+                      os.environ.get("TENSORRT_ROOT") and f"{os.environ['TENSORRT_ROOT']}/include"):
+        if candidate and (Path(candidate) / "NvInferRuntime.h").is_file():
+            return Path(candidate)
+    return None
+
+
+def nvcc_command(nvcc: str, archs: list[str], out: Path, tensorrt: Path | None = None) -> list[str]:
+    """The kernels as a shared library; with TensorRT headers, the IPluginV3 wrapper linked in too."""
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    sources = sorted((PLUGINS / "src").glob("*.cu"))
+    extra = ["-isystem", str(tensorrt)] if tensorrt else []
+    if tensorrt:
+        sources.append(PLUGINS / "tensorrt" / "pdrop_trt_plugin.cpp")
     return [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror", "-Werror",
-            "all-warnings", f"-I{PLUGINS / 'include'}", *gencode, "-o", str(out),
-            *map(str, sorted((PLUGINS / "src").glob("*.cu")))]
+            "all-warnings", f"-I{PLUGINS / 'include'}", *extra, *gencode, "-o", str(out), *map(str, sources)]
 
 
 def compile_plugins(archs: list[str] | None = None, nvcc: str | None = None, cache: Path | None = None,
-                    progress: bool = True) -> Path:
-    """Build (or take from the cache) the kernel library for `archs`; returns its path."""
+                    progress: bool = True, tensorrt: Path | None = None) -> Path:
+    """Build (or take from the cache) the kernel library for `archs`, or with `tensorrt` headers the
+    TensorRT plugin library; returns its path."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise PdropError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
@@ -42,20 +58,21 @@ def compile_plugins(archs: list[str] | None = None, nvcc: str | None = None, cac
         raise PdropError(f"plugin sources not found at {PLUGINS}: building kernels needs a source checkout")
     archs = archs or DEFAULT_ARCHS
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(" ".join(nvcc_command("nvcc", archs, Path("x"))).encode() + version.encode())
+    digest = hashlib.sha256(" ".join(nvcc_command("nvcc", archs, Path("x"), tensorrt)).encode() + version.encode())
     for f in sorted(PLUGINS.rglob("*")):
-        if f.suffix in (".h", ".cu", ".cuh"):
+        if f.suffix in (".h", ".cu", ".cuh", ".cpp"):
             digest.update(f.name.encode() + f.read_bytes())
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdrop" / "plugins"
-    target = cache / digest.hexdigest()[:16] / LIBRARY
+    target = cache / digest.hexdigest()[:16] / (TRT_LIBRARY if tensorrt else LIBRARY)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     if progress:
-        print(f"compiling CUDA kernels for sm_{', sm_'.join(archs)} ...", file=sys.stderr, flush=True)
+        what = "the TensorRT plugin" if tensorrt else "CUDA kernels"
+        print(f"compiling {what} for sm_{', sm_'.join(archs)} ...", file=sys.stderr, flush=True)
     start = time.monotonic()
-    done = subprocess.run(nvcc_command(nvcc, archs, tmp), capture_output=True, text=True)
+    done = subprocess.run(nvcc_command(nvcc, archs, tmp, tensorrt), capture_output=True, text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])

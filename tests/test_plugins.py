@@ -65,14 +65,16 @@ def test_library_is_cached_by_source_hash(library):
     assert compile_plugins(["80", "90"], cache=library.parent.parent, progress=False) == library
 
 
-def test_engine_ships_the_kernels_and_cpu_runs_torch_ops(demo_ckpt, tmp_path, images):
+def test_engine_ships_the_kernels_and_cpu_runs_torch_ops(demo_ckpt, tmp_path, images, monkeypatch):
+    monkeypatch.delenv("TENSORRT_ROOT", raising=False)
+    monkeypatch.delenv("TENSORRT_INCLUDE", raising=False)
     from builder.config import Limits, PyramidSchedule
     from builder.convert import build_engine
 
     manifest, _ = build_engine(demo_ckpt, tmp_path / "e", PyramidSchedule.create(8, 0.5, [2, 4, 6]),
                                Limits(2, 1536, 2048), progress=False, plugins="on", cuda_archs=["80"])
     assert manifest.plugins == {"library": "libpdrop_plugins.so", "kernels": ["pdrop_score", "pdrop_select",
-                                "pdrop_compact"], "archs": ["80"], "abi_version": 1}
+                                "pdrop_compact"], "archs": ["80"], "abi_version": 1, "tensorrt_plugin": None}
     assert "libpdrop_plugins.so" in manifest.files
     engine = Engine.load(tmp_path / "e", device="cpu")
     assert engine.llm.kernels is None
