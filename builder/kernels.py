@@ -77,10 +77,12 @@ class Kernels:
         dev = scores.device
         keep = [min(k, n) for k, n in zip(keep, image_len)]
         kept = torch.empty(sum(keep), dtype=torch.int32, device=dev)
+        # every argument tensor stays referenced until the launch: the allocator would reuse it
+        img_off, keep_off = _offsets(image_len, dev), _offsets(keep, dev)
+        length = torch.tensor(image_len, dtype=torch.int32, device=dev)
+        count = torch.tensor(keep, dtype=torch.int32, device=dev)
         self._check(self.lib.pdrop_select(
-            scores.data_ptr(), _offsets(image_len, dev).data_ptr(),
-            torch.tensor(image_len, dtype=torch.int32, device=dev).data_ptr(),
-            torch.tensor(keep, dtype=torch.int32, device=dev).data_ptr(), _offsets(keep, dev).data_ptr(),
+            scores.data_ptr(), img_off.data_ptr(), length.data_ptr(), count.data_ptr(), keep_off.data_ptr(),
             len(image_len), kept.data_ptr(), self._stream(scores)), "pdrop_select")
         return kept
 
@@ -92,10 +94,11 @@ class Kernels:
         new_lens = [n_seq - n_img + k for n_seq, n_img, k in zip(seq_lens, image_len, keep)]
         dst = torch.empty((sum(new_lens), *src.shape[1:]), dtype=src.dtype, device=dev)
         row_bytes = src[0].numel() * src.element_size() if src.shape[0] else 1
+        seq_off, keep_off, dst_off = _offsets(seq_lens, dev), _offsets(keep, dev), _offsets(new_lens, dev)
+        start = torch.tensor(image_start, dtype=torch.int32, device=dev)
+        length = torch.tensor(image_len, dtype=torch.int32, device=dev)
         self._check(self.lib.pdrop_compact(
-            src.data_ptr(), _offsets(seq_lens, dev).data_ptr(),
-            torch.tensor(image_start, dtype=torch.int32, device=dev).data_ptr(),
-            torch.tensor(image_len, dtype=torch.int32, device=dev).data_ptr(), kept.data_ptr(),
-            _offsets(keep, dev).data_ptr(), _offsets(new_lens, dev).data_ptr(), len(seq_lens), dst.shape[0],
-            row_bytes, dst.data_ptr(), self._stream(src)), "pdrop_compact")
+            src.data_ptr(), seq_off.data_ptr(), start.data_ptr(), length.data_ptr(), kept.data_ptr(),
+            keep_off.data_ptr(), dst_off.data_ptr(), len(seq_lens), dst.shape[0], row_bytes, dst.data_ptr(),
+            self._stream(src)), "pdrop_compact")
         return dst

@@ -60,14 +60,14 @@ __global__ void score_heads(const T* q, const T* k, const int64_t* seq_offsets, 
   __syncthreads();
 
   float local_sum = 0.f;
-  for (int j = threadIdx.x; j < len; j += blockDim.x) local_sum += __expf(logits[j] - max_all);
+  for (int j = threadIdx.x; j < len; j += blockDim.x) local_sum += expf(logits[j] - max_all);
   const float s = Reduce(tmp).Sum(local_sum);
   if (threadIdx.x == 0) sum_all = s;
   __syncthreads();
 
   const int start = image_start[b], n = image_len[b];
   float* out = probs + static_cast<int64_t>(h) * total_image + image_offsets[b];
-  for (int j = threadIdx.x; j < n; j += blockDim.x) out[j] = __expf(logits[start + j] - max_all) / sum_all;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) out[j] = expf(logits[start + j] - max_all) / sum_all;
 }
 
 // scores[i] = sum over heads of probs[h][i], in head order, divided by the head count: the same
