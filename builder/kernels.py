@@ -31,6 +31,11 @@ def _offsets(lengths: list[int], device) -> torch.Tensor:
     return torch.tensor([0] + lengths, dtype=torch.int64, device=device).cumsum(0)
 
 
+def _empty(n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """n elements with a real (non-null) data pointer even when n is 0: the C ABI refuses nulls."""
+    return torch.empty(max(n, 1), dtype=dtype, device=device)[:n]
+
+
 class Kernels:
     """The three stage-boundary kernels, on ragged batches packed along the first dimension."""
 
@@ -63,7 +68,7 @@ class Kernels:
         start = torch.tensor(image_start, dtype=torch.int32, device=dev)
         length = torch.tensor(image_len, dtype=torch.int32, device=dev)
         total = sum(image_len)
-        scores = torch.empty(total, dtype=torch.float32, device=dev)
+        scores = _empty(total, torch.float32, dev)
         ws = torch.empty(self.lib.pdrop_score_workspace_size(batch, heads, max(seq_lens), total),
                          dtype=torch.uint8, device=dev)
         self._check(self.lib.pdrop_score(
@@ -76,7 +81,7 @@ class Kernels:
         """Packed ascending indices of each sequence's top keep[b] scores (ties to the lower index)."""
         dev = scores.device
         keep = [min(k, n) for k, n in zip(keep, image_len)]
-        kept = torch.empty(sum(keep), dtype=torch.int32, device=dev)
+        kept = _empty(sum(keep), torch.int32, dev)
         # every argument tensor stays referenced until the launch: the allocator would reuse it
         img_off, keep_off = _offsets(image_len, dev), _offsets(keep, dev)
         length = torch.tensor(image_len, dtype=torch.int32, device=dev)
