@@ -31,11 +31,6 @@ def _offsets(lengths: list[int], device) -> torch.Tensor:
     return torch.tensor([0] + lengths, dtype=torch.int64, device=device).cumsum(0)
 
 
-def _empty(n: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """n elements with a real (non-null) data pointer even when n is 0: the C ABI refuses nulls."""
-    return torch.empty(max(n, 1), dtype=dtype, device=device)[:n]
-
-
 class Kernels:
     """The three stage-boundary kernels, on ragged batches packed along the first dimension."""
 
@@ -68,7 +63,9 @@ class Kernels:
         start = torch.tensor(image_start, dtype=torch.int32, device=dev)
         length = torch.tensor(image_len, dtype=torch.int32, device=dev)
         total = sum(image_len)
-        scores = _empty(total, torch.float32, dev)
+        scores = torch.empty(total, dtype=torch.float32, device=dev)
+        if total == 0:  # nothing to score (and an empty tensor's data pointer is null)
+            return scores
         ws = torch.empty(self.lib.pdrop_score_workspace_size(batch, heads, max(seq_lens), total),
                          dtype=torch.uint8, device=dev)
         self._check(self.lib.pdrop_score(
@@ -81,7 +78,9 @@ class Kernels:
         """Packed ascending indices of each sequence's top keep[b] scores (ties to the lower index)."""
         dev = scores.device
         keep = [min(k, n) for k, n in zip(keep, image_len)]
-        kept = _empty(sum(keep), torch.int32, dev)
+        kept = torch.empty(sum(keep), dtype=torch.int32, device=dev)
+        if not kept.numel():
+            return kept
         # every argument tensor stays referenced until the launch: the allocator would reuse it
         img_off, keep_off = _offsets(image_len, dev), _offsets(keep, dev)
         length = torch.tensor(image_len, dtype=torch.int32, device=dev)
@@ -96,12 +95,17 @@ class Kernels:
         """Rows of the packed src (sum L, ...) with each sequence's dropped image rows removed."""
         dev = src.device
         src = src.contiguous()
+        keep = [min(k, n) for k, n in zip(keep, image_len)]
         new_lens = [n_seq - n_img + k for n_seq, n_img, k in zip(seq_lens, image_len, keep)]
         dst = torch.empty((sum(new_lens), *src.shape[1:]), dtype=src.dtype, device=dev)
         row_bytes = src[0].numel() * src.element_size() if src.shape[0] else 1
         seq_off, keep_off, dst_off = _offsets(seq_lens, dev), _offsets(keep, dev), _offsets(new_lens, dev)
         start = torch.tensor(image_start, dtype=torch.int32, device=dev)
         length = torch.tensor(image_len, dtype=torch.int32, device=dev)
+        if not kept.numel():  # every image row dropped: the kernel never reads `kept`, but nulls are refused
+            kept = torch.zeros(1, dtype=torch.int32, device=dev)
+        if not dst.numel():
+            return dst
         self._check(self.lib.pdrop_compact(
             src.data_ptr(), seq_off.data_ptr(), start.data_ptr(), length.data_ptr(), kept.data_ptr(),
             keep_off.data_ptr(), dst_off.data_ptr(), len(seq_lens), dst.shape[0], row_bytes, dst.data_ptr(),
