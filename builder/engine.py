@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from . import flops
 from .config import PyramidSchedule
 from .convert import DTYPES
+from .decode import EagerDecoder, GraphDecoder
 from .engine_format import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
 from .errors import EngineError, InputError
 from .images import load_image
@@ -137,15 +138,19 @@ def load_kernels(path: Path, manifest, device: torch.device):
 
 
 class Engine:
-    def __init__(self, path: Path, manifest, llm: Transformer, vision: VisionEncoder, processor, device):
+    def __init__(self, path: Path, manifest, llm: Transformer, vision: VisionEncoder, processor, device,
+                 cuda_graphs: bool = True):
         self.path, self.manifest, self.llm, self.vision = path, manifest, llm, vision
         self.processor, self.tokenizer, self.device = processor, processor.tokenizer, device
         self.dtype = llm.output.weight.dtype
+        graphs = cuda_graphs and device.type == "cuda"
+        self.decoder = GraphDecoder(llm, manifest.limits.max_seq_len) if graphs else EagerDecoder(llm)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto", dtype: str | None = None,
-             verify: bool = True) -> "Engine":
-        """Load an engine directory; `verify` checks every file's sha256 against the manifest."""
+             verify: bool = True, cuda_graphs: bool = True) -> "Engine":
+        """Load an engine directory; `verify` checks every file's sha256 against the manifest;
+        `cuda_graphs` replays decode steps from CUDA graphs on a CUDA device."""
         from transformers import AutoProcessor
 
         path = Path(path)
@@ -166,7 +171,7 @@ class Engine:
             processor = AutoProcessor.from_pretrained(path)
         except Exception as e:
             raise EngineError(f"cannot load the processor of engine {path}: {e}") from None
-        return cls(path, manifest, llm, vision, processor, device)
+        return cls(path, manifest, llm, vision, processor, device, cuda_graphs)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -258,7 +263,7 @@ class Engine:
         max_seq = self.manifest.limits.max_seq_len
         budgets = [min(r.params.max_new_tokens, max_seq - r.input_ids.numel()) for r in reqs]
         # finished rows keep stepping with the batch, so every row may grow by the largest budget
-        self.llm.setup_caches(len(reqs), max(r.input_ids.numel() for r in reqs) + max(budgets))
+        self.decoder.prepare(len(reqs), max(r.input_ids.numel() for r in reqs) + max(budgets))
         rows = [_Row(self.tokenizer, r.params, {r.params.end_id} if r.params.end_id is not None
                      else set(self.manifest.eos_token_ids), b, self.device) for r, b in zip(reqs, budgets)]
 
@@ -290,7 +295,7 @@ class Engine:
                         yield Delta(i, delta, ids[i], self._result(reqs[i], row, stages[i], layouts[i], timing))
             if all(row.finish for row in rows):
                 return
-            logits = self.llm.decode(tokens)
+            logits = self.decoder.step(tokens)
             tokens = torch.stack([row.sample(logits[i]) for i, row in enumerate(rows)])
 
     def _result(self, req: Request, row: _Row, stages, layout, timing: tuple) -> Result:

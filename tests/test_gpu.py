@@ -51,3 +51,23 @@ def test_cuda_bfloat16_runs(engine_dir, images):
     engine = Engine.load(engine_dir, device="cuda", dtype="bfloat16")
     [r] = engine.generate([PROMPT], [images[0]], max_new_tokens=8)
     assert len(r.token_ids) == 8 and [s.tokens_kept for s in r.stages] == [84, 42, 21]
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_cuda_graph_decode_equals_eager_for_64_steps(engine_dir, images, drop):
+    graphs = Engine.load(engine_dir, device="cuda")
+    eager = Engine.load(engine_dir, device="cuda", cuda_graphs=False)
+    prompts, imgs = [PROMPT, "USER: hi ASSISTANT:"], [images[0], None]
+    kw = dict(max_new_tokens=64, drop_ratio=drop)
+    for g, e in zip(graphs.generate(prompts, imgs, **kw), eager.generate(prompts, imgs, **kw)):
+        assert g.token_ids == e.token_ids and len(g.token_ids) == 64
+    assert graphs.decoder.captures == 1
+
+
+def test_requests_of_one_bucket_reuse_the_graph(engine_dir, images):
+    engine = Engine.load(engine_dir, device="cuda")
+    first = engine.generate([PROMPT], [images[0]], max_new_tokens=20)[0]
+    for image in images[1:4]:  # other prompts lengths, same (batch 1, 512-token) bucket
+        engine.generate([PROMPT], [image], max_new_tokens=20)
+    assert engine.decoder.captures == 1
+    assert engine.generate([PROMPT], [images[0]], max_new_tokens=20)[0].token_ids == first.token_ids
