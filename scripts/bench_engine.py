@@ -1,18 +1,24 @@
-"""Time the engine at several drop ratios on one random-weight preset; print a table, write JSON.
+"""pdrop against Hugging Face on one random-weight LLaVA-NeXT shape: TTFT, decode, memory, FLOPs.
 
-    python scripts/bench_engine.py --preset llava-next-small --ratios 0,0.5 --device cpu
+    python scripts/bench_engine.py --shape llava-next-vicuna-7b --batch 1,8          # on a GPU
+    python scripts/bench_engine.py --shape llava-next-small --batch 1 --max-new-tokens 16   # CPU
 
-For each ratio: vision, prefill and TTFT (median of --repeats runs after a warm-up), decode
-tokens/s, and the measured prefill-time ratio to drop 0 next to the FLOPs ratios (paper formula
-and full count). The engine is built into a temporary directory unless --engine is given.
+One image (672x672: 2,928 image tokens with 336-px tiles) + a ~30-token question per sequence.
+Rows: (a) transformers' LlavaNextForConditionalGeneration.generate (sdpa, same dtype), (b) pdrop
+drop 0, (c) pdrop at each --ratios; for each batch size: vision and TTFT (median of --repeats
+after a warm-up), prefill FLOPs (full count), decode tokens/s over --max-new-tokens, peak GPU
+memory, with ratios to (a); on a GPU also the batch-1 decode roofline (weights + KV bytes over
+HBM bandwidth) and achieved GB/s, as gpt-fast reports. Writes JSON with --json.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,69 +26,149 @@ import torch
 from PIL import Image
 
 from builder.config import Limits, PyramidSchedule
-from builder.convert import build_engine
+from builder.convert import DTYPES, build_engine
 from builder.engine import Engine
-from builder.presets import preset_checkpoint
+from builder.flops import full_flops
+from builder.presets import preset_checkpoint, write_hf_checkpoint
+from builder.sampling import SamplingParams
 
-QUESTION = "What is shown in this image? Answer in one short sentence please."
-
-
-def make_engine(args, tmp: Path) -> Path:
-    if args.engine:
-        return Path(args.engine)
-    ckpt = preset_checkpoint(args.preset)
-    llm = ckpt.llm
-    limits = Limits(args.batch, llm.max_position_embeddings - 512, llm.max_position_embeddings)
-    build_engine(ckpt, tmp / args.preset, PyramidSchedule.create(llm.n_layers, 0.5), limits, args.dtype,
-                 plugins="auto")
-    return tmp / args.preset
+QUESTION = "What is shown in this image? Answer in one short sentence, please, and be precise."
+HBM_GBS = {"H100": 3350, "H200": 4800, "A100": 2039, "L40S": 864, "L4": 300}  # SXM peak GB/s
 
 
-def measure(engine: Engine, image, ratio: float, args) -> dict:
-    prompts, images = [engine.chat_prompt(QUESTION, True)] * args.batch, [image] * args.batch
-    runs = []
-    for i in range(args.repeats + 1):  # the first run warms up
-        results = engine.generate(prompts, images, max_new_tokens=args.max_new_tokens, drop_ratio=ratio)
-        if i:
-            runs.append(results[0])
-    med = {k: statistics.median(r.timings[k] for r in runs) for k in runs[0].timings}
-    r = runs[0]
-    return {"drop_ratio": ratio, "image_tokens": r.image_tokens, "prompt_tokens": r.prompt_tokens,
-            "kept_per_stage": [s.tokens_kept for s in r.stages], "timings": med, "flops": r.flops}
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench_hf(hf_dir: Path, dtype: torch.dtype, device: torch.device, prompt: str, image, batch: int,
+             new_tokens: int, repeats: int) -> dict:
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(hf_dir)
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        enc = processor(text=[prompt] * batch, images=[image] * batch, return_tensors="pt", padding=True).to(device)
+        with torch.inference_mode():
+            model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        sync(device)
+        return time.perf_counter() - start
+
+    reset_peak(device)
+    run(2)  # warm-up
+    ttft = statistics.median(run(1) for _ in range(repeats))
+    total = run(new_tokens)
+    out = {"ttft_s": ttft, "decode_tokens_per_s": batch * (new_tokens - 1) / (total - ttft), "peak_gb": peak_gb(device)}
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def bench_pdrop(engine: Engine, prompt: str, image, batch: int, ratio: float, new_tokens: int, repeats: int) -> dict:
+    def run(n: int):
+        params = [SamplingParams(max_new_tokens=n, min_tokens=n) for _ in range(batch)]
+        return engine.generate([prompt] * batch, [image] * batch, params=params, drop_ratio=ratio)
+
+    reset_peak(engine.device)
+    run(2)  # warm-up (and CUDA-graph capture)
+    firsts = [run(1)[0] for _ in range(repeats)]
+    full = run(new_tokens)
+    t = {k: statistics.median(r.timings[k] for r in firsts) for k in ("vision_s", "prefill_s", "ttft_s")}
+    return {**t, "decode_tokens_per_s": sum(r.timings["decode_tokens_per_s"] for r in full),
+            "peak_gb": peak_gb(engine.device), "image_tokens": full[0].image_tokens,
+            "prompt_tokens": full[0].prompt_tokens, "kept_per_stage": [s.tokens_kept for s in full[0].stages]}
+
+
+def decode_bytes(engine: Engine, context: int) -> tuple[float, float]:
+    """Bytes one batch-1 decode step must read: LLM weights, and the KV cache at `context`."""
+    cfg, size = engine.manifest.llm, torch.finfo(engine.dtype).bits // 8
+    weights = sum(p.numel() for p in engine.llm.parameters()) * size
+    return weights, 2 * cfg.n_layers * cfg.kv_size * context * size
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="llava-next-small")
-    p.add_argument("--engine", help="use this engine directory instead of building the preset")
+    p.add_argument("--shape", "--preset", dest="shape", default="llava-next-small")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--ratios", default="0,0.25,0.5,0.75")
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--ratios", default="0.25,0.5,0.75", help="drop ratios besides 0")
+    p.add_argument("--batch", default="1")
     p.add_argument("--image-size", default="672x672", help="WxH of the synthetic image")
-    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    p.add_argument("--bandwidth-gbs", type=float, help="HBM bandwidth for the roofline (default: by GPU name)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
 
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          args.device if args.device != "auto" else "cpu")
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = DTYPES[dtype_name]
     w, h = (int(x) for x in args.image_size.split("x"))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    batches = [int(b) for b in args.batch.split(",")]
+    ratios = [0.0] + [float(r) for r in args.ratios.split(",") if r]
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    ckpt = preset_checkpoint(args.shape)
+    llm_cfg = ckpt.llm
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine.load(make_engine(args, Path(tmp)), device=args.device)
-    name = torch.cuda.get_device_name() if engine.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    rows = [measure(engine, image, float(r), args) for r in args.ratios.split(",")]
+        tmp = Path(tmp)
+        limits = Limits(max(batches), llm_cfg.max_position_embeddings - 512, llm_cfg.max_position_embeddings)
+        build_engine(ckpt, tmp / "engine", PyramidSchedule.create(llm_cfg.n_layers, 0.5), limits, dtype_name,
+                     plugins="auto", progress=False)
+        engine = Engine.load(tmp / "engine", device=device)
+        prompt = engine.chat_prompt(QUESTION, True)
+        hf_dir = None if args.no_hf else write_hf_checkpoint(ckpt, tmp / "hf")
+        for batch in batches:
+            if hf_dir:
+                rows.append({"system": "hf", "batch": batch, "drop_ratio": 0.0,
+                             **bench_hf(hf_dir, dtype, device, prompt, image, batch, args.max_new_tokens,
+                                        args.repeats)})
+            for ratio in ratios:
+                rows.append({"system": "pdrop", "batch": batch, "drop_ratio": ratio,
+                             **bench_pdrop(engine, prompt, image, batch, ratio, args.max_new_tokens, args.repeats)})
+        weights, kv = decode_bytes(engine, rows[-1]["prompt_tokens"] + args.max_new_tokens // 2)
 
-    base = rows[0]["timings"]["prefill_s"]
-    print(f"\n{args.engine or args.preset} on {name}, {engine.dtype}, batch {args.batch}, image {args.image_size}, "
-          f"median of {args.repeats}")
-    print(f"{'drop':>5} {'img tok':>7} {'kept/stage':>18} {'vision ms':>9} {'prefill ms':>10} {'TTFT ms':>8} "
-          f"{'tok/s':>7} {'prefill x':>9} {'FLOPs x full':>12} {'FLOPs x paper':>13}")
+    n_img = rows[-1]["image_tokens"]
+    n_text = rows[-1]["prompt_tokens"] - n_img
+    bw = args.bandwidth_gbs or next((v for k, v in HBM_GBS.items() if k in name), None)
+    print(f"\n{args.shape} on {name}, {dtype_name}, image {args.image_size} ({n_img} image tokens + {n_text} text), "
+          f"{args.max_new_tokens} new tokens, median of {args.repeats}")
+    print(f"{'system':>11} {'batch':>5} {'vision ms':>9} {'TTFT ms':>9} {'x HF':>5} {'prefill TFLOP':>13} "
+          f"{'decode tok/s':>12} {'x HF':>5} {'peak GB':>7} {'kept per stage':>22}")
     for r in rows:
-        t, f = r["timings"], r["flops"]
-        print(f"{r['drop_ratio']:>5.2f} {r['image_tokens']:>7} {'/'.join(map(str, r['kept_per_stage'])):>18} "
-              f"{t['vision_s'] * 1e3:>9.1f} {t['prefill_s'] * 1e3:>10.1f} {t['ttft_s'] * 1e3:>8.1f} "
-              f"{t['decode_tokens_per_s']:>7.1f} {t['prefill_s'] / base:>9.3f} {f['full']['ratio']:>12.3f} "
-              f"{f['paper']['ratio']:>13.3f}")
+        base = next((x for x in rows if x["system"] == "hf" and x["batch"] == r["batch"]), None)
+        sched = PyramidSchedule.create(llm_cfg.n_layers, r["drop_ratio"]) if r["drop_ratio"] else None
+        tflop = r["batch"] * full_flops(llm_cfg, sched, n_img, n_text) / 1e12
+        label = "HF" if r["system"] == "hf" else f"pdrop {r['drop_ratio']:.2f}"
+        print(f"{label:>11} {r['batch']:>5} {r.get('vision_s', float('nan')) * 1e3:>9.1f} {r['ttft_s'] * 1e3:>9.1f} "
+              f"{(r['ttft_s'] / base['ttft_s']) if base else float('nan'):>5.2f} {tflop:>13.2f} "
+              f"{r['decode_tokens_per_s']:>12.1f} "
+              f"{(r['decode_tokens_per_s'] / base['decode_tokens_per_s']) if base else float('nan'):>5.2f} "
+              f"{r['peak_gb']:>7.1f} {'/'.join(map(str, r.get('kept_per_stage', []))):>22}")
+    one = [r for r in rows if r["system"] == "pdrop" and r["batch"] == 1 and r["drop_ratio"] == 0.0]
+    if bw and one:
+        roof = bw * 1e9 / (weights + kv)
+        achieved = one[0]["decode_tokens_per_s"] * (weights + kv) / 1e9
+        print(f"\nbatch-1 decode roofline: ({weights / 1e9:.2f} GB weights + {kv / 1e9:.2f} GB KV) / {bw:.0f} GB/s = "
+              f"{roof:.0f} tok/s; pdrop drop 0 reaches {one[0]['decode_tokens_per_s']:.0f} tok/s = "
+              f"{achieved:.0f} GB/s ({100 * achieved / bw:.0f}% of peak)")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "args": vars(args), "rows": rows}, indent=2))
     return 0

@@ -12,8 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$py" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
 "$py" -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_kernels.py 2>&1 | tee "$out/pytest-gpu.txt"
 "$py" scripts/bench_kernels.py --batch 1,8 2>&1 | tee "$out/bench-kernels.txt"
-for preset in llava-next-small llava-next-vicuna-7b; do
-    "$py" scripts/bench_engine.py --preset "$preset" --device cuda --ratios 0,0.25,0.5,0.75 \
-        --repeats 5 --max-new-tokens 64 --json "$out/bench-$preset.json" 2>&1 | grep -v converting \
-        | tee "$out/bench-$preset.txt"
-done
+"$py" scripts/bench_engine.py --shape llava-next-small --batch 1,8 --max-new-tokens 128 \
+    --json "$out/bench-engine-small.json" 2>&1 | tee "$out/bench-engine-small.txt"
+"$py" scripts/bench_engine.py --shape llava-next-vicuna-7b --batch 1,8 --max-new-tokens 128 \
+    --json "$out/bench-engine-7b.json" 2>&1 | tee "$out/bench-engine-7b.txt"
