@@ -156,6 +156,8 @@ class Engine:
         path = Path(path)
         manifest = read_manifest(path, verify=verify)
         device = resolve_device(device)
+        if (dtype or manifest.dtype) not in DTYPES:
+            raise InputError(f"unsupported dtype '{dtype}': choose {', '.join(DTYPES)}")
         torch_dtype = DTYPES[dtype or manifest.dtype]
         cfg = manifest.llm
         with torch.device("meta"):

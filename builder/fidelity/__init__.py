@@ -1,0 +1,1 @@
+"""Fidelity: a procedural visual question task and a small LLaVA-NeXT trained on it from scratch."""

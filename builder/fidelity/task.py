@@ -1,0 +1,106 @@
+"""A procedural visual question task whose answers depend on a small part of the image.
+
+Scenes are coloured shapes in the cells of a 4 x 4 grid; questions ask for the colour of a shape,
+the shape of a colour, what a cell holds, or how many shapes of a colour there are. Answers are
+one word. Everything is generated from a seed (no downloads), and `solve` answers a question from
+the scene description alone, as an independent check of the generator.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+GRID = 4
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 90, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+BACKGROUND = (235, 232, 220)
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class Item:
+    shape: str
+    colour: str
+    row: int
+    col: int
+
+
+@dataclass(frozen=True)
+class Example:
+    items: tuple[Item, ...]
+    question: str
+    answer: str
+
+
+def make_items(rng: random.Random) -> tuple[Item, ...]:
+    cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], rng.randint(3, 5))
+    return tuple(Item(rng.choice(SHAPES), rng.choice(list(COLOURS)), r, c) for r, c in sorted(cells))
+
+
+def ask(items: tuple[Item, ...], rng: random.Random) -> tuple[str, str]:
+    """One question about the scene and its answer, of a kind chosen at random among those that apply."""
+    kinds = ["cell", "count"]
+    unique_shapes = [s for s in SHAPES if sum(i.shape == s for i in items) == 1]
+    unique_colours = [c for c in COLOURS if sum(i.colour == c for i in items) == 1]
+    kinds += ["colour"] * bool(unique_shapes) + ["shape"] * bool(unique_colours)
+    kind = rng.choice(kinds)
+    if kind == "colour":
+        shape = rng.choice(unique_shapes)
+        return f"What colour is the {shape}?", next(i.colour for i in items if i.shape == shape)
+    if kind == "shape":
+        colour = rng.choice(unique_colours)
+        return f"Which shape is {colour}?", next(i.shape for i in items if i.colour == colour)
+    if kind == "count":
+        colour = rng.choice(list(COLOURS))
+        return f"How many {colour} shapes are there?", NUMBERS[sum(i.colour == colour for i in items)]
+    row, col = rng.randrange(GRID), rng.randrange(GRID)
+    held = next((i.shape for i in items if (i.row, i.col) == (row, col)), "nothing")
+    return f"What is in row {row + 1} column {col + 1}?", held
+
+
+def dataset(split: str, n: int, seed: int = 0) -> list[Example]:
+    """n examples of a split; the same (split, n, seed) always gives the same examples."""
+    rng = random.Random(seed * 1000 + SPLITS[split])
+    out = []
+    for _ in range(n):
+        items = make_items(rng)
+        out.append(Example(items, *ask(items, rng)))
+    return out
+
+
+def render(items: tuple[Item, ...], size: int = 112) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    cell = size / GRID
+    pad = cell * 0.15
+    for it in items:
+        x0, y0 = it.col * cell + pad, it.row * cell + pad
+        x1, y1 = (it.col + 1) * cell - pad, (it.row + 1) * cell - pad
+        fill = COLOURS[it.colour]
+        if it.shape == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill=fill)
+        elif it.shape == "square":
+            draw.rectangle([x0, y0, x1, y1], fill=fill)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return image
+
+
+def solve(items: tuple[Item, ...], question: str) -> str:
+    """Answer a question from the scene description alone (independent of `ask`)."""
+    if m := re.fullmatch(r"What colour is the (\w+)\?", question):
+        [colour] = [i.colour for i in items if i.shape == m[1]]
+        return colour
+    if m := re.fullmatch(r"Which shape is (\w+)\?", question):
+        [shape] = [i.shape for i in items if i.colour == m[1]]
+        return shape
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return NUMBERS[len([i for i in items if i.colour == m[1]])]
+    if m := re.fullmatch(r"What is in row (\d) column (\d)\?", question):
+        row, col = int(m[1]) - 1, int(m[2]) - 1
+        return {(i.row, i.col): i.shape for i in items}.get((row, col), "nothing")
+    raise ValueError(f"not a question of this task: {question!r}")

@@ -1,0 +1,35 @@
+"""The procedural task: deterministic, its answers checked by the independent solver, and drawn
+where the scene says."""
+from __future__ import annotations
+
+from collections import Counter
+
+from builder.fidelity.task import COLOURS, GRID, dataset, render, solve
+
+
+def test_same_seed_same_examples_and_splits_differ():
+    assert dataset("train", 200, seed=3) == dataset("train", 200, seed=3)
+    assert dataset("train", 50, seed=3) != dataset("test", 50, seed=3)
+    assert dataset("train", 50, seed=3) != dataset("train", 50, seed=4)
+
+
+def test_solver_agrees_with_every_answer():
+    examples = dataset("train", 3000) + dataset("test", 1000)
+    for ex in examples:
+        assert solve(ex.items, ex.question) == ex.answer
+    kinds = Counter(ex.question.split()[0] + ex.question.split()[1] for ex in examples)
+    assert len(kinds) == 4 and min(kinds.values()) > 300  # every kind of question is well represented
+    assert len({ex.answer for ex in examples}) >= 10
+
+
+def test_items_are_drawn_in_their_cells():
+    for ex in dataset("val", 20):
+        image = render(ex.items, size=112)
+        cell = 112 // GRID
+        for it in ex.items:
+            # the centre of a cell holding a shape has the shape's colour
+            centre = image.getpixel((it.col * cell + cell // 2, it.row * cell + cell * 2 // 3))
+            assert centre == COLOURS[it.colour]
+        empty = {(r, c) for r in range(GRID) for c in range(GRID)} - {(i.row, i.col) for i in ex.items}
+        for r, c in empty:
+            assert image.getpixel((c * cell + cell // 2, r * cell + cell // 2)) == (235, 232, 220)
