@@ -54,8 +54,8 @@ def resolve_dtype(name: str, ckpt: Checkpoint) -> str:
     return name
 
 
-def vision_spec(ckpt: Checkpoint) -> dict:
-    c = ckpt.hf_config
+def vision_spec(c) -> dict:
+    """What the runtime's VisionEncoder needs from a transformers LlavaNextConfig."""
     return {"vision_config": c.vision_config.to_dict(), "projector_hidden_act": c.projector_hidden_act,
             "multimodal_projector_bias": c.multimodal_projector_bias,
             "vision_feature_layer": c.vision_feature_layer,
@@ -126,7 +126,7 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
         except Exception as e:
             raise PdropError(f"cannot save the processor: {e}") from None
         manifest = Manifest(
-            llm=llm, vision=vision_spec(ckpt), pyramid=schedule, dtype=dtype, limits=limits,
+            llm=llm, vision=vision_spec(ckpt.hf_config), pyramid=schedule, dtype=dtype, limits=limits,
             image_token_id=ckpt.hf_config.image_token_id, eos_token_ids=eos_ids(ckpt),
             source={"checkpoint": ckpt.source, "fingerprint": ckpt.fingerprint}, files=checksum_dir(tmp),
             plugins=plugin_record)

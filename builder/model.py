@@ -48,7 +48,9 @@ class Attention(nn.Module):
         q = apply_rope(self.split_heads(q, cfg.n_heads), *rope)
         k = apply_rope(self.split_heads(k, cfg.n_kv_heads), *rope)
         v = self.split_heads(v, cfg.n_kv_heads)
-        if row is not None:
+        if self.kv_cache is None:  # no cache: a plain causal pass, as in training
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif row is not None:
             self.kv_cache.fill(row, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -119,6 +121,22 @@ class Transformer(nn.Module):
             pos = torch.arange(h.shape[1], device=h.device)  # renumbered 0..L'-1 after a drop
             h = layer(h, self.rope(pos, h.dtype), row)
         return self.norm(h), stages
+
+    def forward_train(self, embeds: torch.Tensor, image_start: int, n_image: int, schedule: PyramidSchedule,
+                      after: int) -> torch.Tensor:
+        """Training pass without a cache over a batch of same-layout sequences (B, L, dim), with the
+        drop as the authors train: the query is the last instruction token, `after` tokens before
+        the end. Returns the final-normed hidden states of the surviving tokens."""
+        h = embeds
+        for i, layer in enumerate(self.layers):
+            if n_image and schedule.active and i in schedule.layers:
+                keep = schedule.kept_after(n_image, schedule.layers.index(i))
+                pos = torch.arange(h.shape[1], device=h.device)
+                alive = h.shape[1] - (embeds.shape[1] - n_image)
+                h, _ = pyramid.drop_batch(layer, self.rope(pos, h.dtype), h, image_start, alive, keep, after)
+            pos = torch.arange(h.shape[1], device=h.device)
+            h = layer(h, self.rope(pos, h.dtype), None)
+        return self.norm(h)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One step for the whole batch: tokens (B,) -> logits (B, vocab)."""

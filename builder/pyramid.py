@@ -71,6 +71,28 @@ def select(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return order[:keep].sort().values
 
 
+def keep_rows(length: int, start: int, n: int, kept: torch.Tensor) -> torch.Tensor:
+    """Row indices of a sequence of `length` after its image span [start, start + n) keeps `kept`."""
+    seq = torch.arange(length, device=kept.device)
+    return torch.cat((seq[:start], kept + start, seq[start + n:]))
+
+
+def drop_batch(layer, rope, h: torch.Tensor, start: int, n: int, keep: int, after: int) -> tuple[torch.Tensor, list]:
+    """The same rule on a batch of same-layout sequences h (B, L, dim) whose query (the last
+    instruction token) has `after` tokens after it, as when training with the answer in the input.
+    No gradient flows through the ranking."""
+    length = h.shape[1]
+    query_rope = tuple(t[..., :length - after, :] for t in rope)
+    rows, kept_all = [], []
+    with torch.no_grad():
+        for b in range(h.shape[0]):
+            q, k = query_and_keys(layer, query_rope, h[b:b + 1, :length - after])
+            kept = select(attention(q, k)[start:start + n], keep)
+            rows.append(keep_rows(length, start, n, kept))
+            kept_all.append(kept)
+    return torch.stack([h[b, r] for b, r in enumerate(rows)]), kept_all
+
+
 def drop(layer, rope, h: torch.Tensor, span: ImageSpan, keep: int, layer_index: int, kernels=None
          ) -> tuple[torch.Tensor, ImageSpan, StageStats]:
     """Score the alive image tokens of h (1, L, dim) and compact h to the `keep` best of them, with
@@ -80,8 +102,7 @@ def drop(layer, rope, h: torch.Tensor, span: ImageSpan, keep: int, layer_index: 
     q, k = query_and_keys(layer, rope, h)
     if kernels is None:
         kept = select(attention(q, k)[span.start:span.start + n], keep)
-        seq = torch.arange(length, device=h.device)
-        h = h[:, torch.cat((seq[:span.start], kept + span.start, seq[span.start + n:]))]
+        h = h[:, keep_rows(length, span.start, n, kept)]
     else:
         scores = kernels.score(q[None], k, [length], [span.start], [n])
         kept32 = kernels.select(scores, [n], [keep])
