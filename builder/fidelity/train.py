@@ -1,0 +1,163 @@
+"""Train a small LLaVA-NeXT from scratch on the procedural task, with or without PyramidDrop.
+
+The model is the engine's own modules (CLIP-style tower + projector + anyres packing, Llama-style
+decoder) in training mode; with a drop ratio the pyramid schedule is active in the forward pass,
+as the paper trains. The result is saved in Hugging Face LLaVA-NeXT layout, so
+`python -m builder build --model DIR` converts it like any real checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import LLMConfig, PyramidSchedule
+from ..convert import vision_spec
+from ..export_hf import save_hf_checkpoint
+from ..model import Transformer
+from ..vision import VisionEncoder
+from .task import COLOURS, NUMBERS, SHAPES, Example, dataset, render
+
+TILE, IMAGE = 56, 112  # 56-px tiles of 4 x 4 patches; a 112-px image is a 2 x 2 grid: 88 image tokens
+PROMPT = "USER: <image>\n{question} ASSISTANT:"
+AFTER_QUERY = 2  # in training inputs the answer word and </s> follow the last instruction token
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-3
+    drop_ratio: float = 0.0  # > 0: train with the pyramid schedule active
+    layers: list[int] = field(default_factory=lambda: [2, 4, 6])
+    train_examples: int = 20000
+    seed: int = 0
+    dim: int = 192
+    n_layers: int = 8
+
+
+def task_words() -> list[str]:
+    words = set("USER ASSISTANT What colour is the Which shape How many shapes are there in row column".split())
+    words |= set(COLOURS) | set(SHAPES) | set(NUMBERS) | {"nothing"} | {str(i) for i in range(1, 5)}
+    return sorted(words) + ["?", ":"]
+
+
+def make_processor():
+    """A word-level tokenizer (each answer is one token) and a 56-px-tile LLaVA-NeXT processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlavaNextProcessor, PreTrainedTokenizerFast
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + task_words())}, unk_token="<unk>"))
+    tok.add_special_tokens(specials)  # matched before the whitespace split, even when glued together
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>")
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+        image_grid_pinpoints=[[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE]])
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def make_config(processor, cfg: TrainConfig):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    heads = cfg.dim // 32
+    text = LlamaConfig(vocab_size=len(processor.tokenizer), hidden_size=cfg.dim, intermediate_size=cfg.dim * 8 // 3,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=heads,
+                       num_key_value_heads=heads // 2 if heads % 2 == 0 else heads,  # GQA where it divides
+                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=TILE, patch_size=14)
+    return LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=processor.image_token_id,
+                           image_grid_pinpoints=processor.image_processor.image_grid_pinpoints)
+
+
+class Model(torch.nn.Module):
+    def __init__(self, hf_config):
+        super().__init__()
+        self.hf_config = hf_config
+        llm_cfg = LLMConfig.from_hf(hf_config.text_config)
+        self.llm = Transformer(llm_cfg, llm_cfg.max_position_embeddings)
+        self.vision = VisionEncoder(vision_spec(hf_config), llm_cfg.dim)
+        torch.nn.init.normal_(self.vision.image_newline, std=llm_cfg.dim ** -0.5)
+
+    def answer_logits(self, ids: torch.Tensor, pixels: torch.Tensor, schedule: PyramidSchedule) -> torch.Tensor:
+        """ids (B, L) = prompt + answer + </s>; pixels (B, patches, 3, TILE, TILE) -> logits (B, 2, V)
+        at the positions that predict the answer and </s>."""
+        batch = ids.shape[0]
+        feats = self.vision.projector(self._tower(pixels.flatten(0, 1)))  # (B * patches, side^2, dim)
+        feats = feats.view(batch, -1, *feats.shape[1:])
+        packed = torch.stack([self.vision.pack(f, (IMAGE, IMAGE))[0] for f in feats])  # (B, N, dim)
+        where = (ids[0] == self.hf_config.image_token_id).nonzero()[:, 0]
+        start, n = int(where[0]), where.numel()
+        embeds = self.llm.tok_embeddings(ids)
+        embeds = torch.cat((embeds[:, :start], packed, embeds[:, start + n:]), dim=1)
+        h = self.llm.forward_train(embeds, start, n, schedule, AFTER_QUERY)
+        return self.llm.output(h[:, -AFTER_QUERY - 1:-1])
+
+    def _tower(self, pixels: torch.Tensor) -> torch.Tensor:
+        spec = self.vision.spec
+        hidden = self.vision.tower(pixels, output_hidden_states=True).hidden_states[spec["vision_feature_layer"]]
+        return hidden[:, 1:] if spec["vision_feature_select_strategy"] == "default" else hidden
+
+
+def encode(processor, examples: list[Example], with_answer: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    texts = [PROMPT.format(question=ex.question) + (f" {ex.answer} </s>" if with_answer else "") for ex in examples]
+    enc = processor(text=texts, images=[render(ex.items, IMAGE) for ex in examples], return_tensors="pt")
+    return enc.input_ids, enc.pixel_values
+
+
+def batches(examples: list[Example], size: int, rng: random.Random):
+    """Endless batches of one question kind each: same token layout, so no padding is needed."""
+    kinds: dict[str, list[Example]] = {}
+    for ex in examples:
+        kinds.setdefault(" ".join(ex.question.split()[:2]), []).append(ex)
+    pools = list(kinds.values())
+    weights = [len(p) for p in pools]
+    while True:
+        pool = rng.choices(pools, weights)[0]
+        yield rng.sample(pool, min(size, len(pool)))
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, log=print) -> tuple[Model, dict]:
+    """Train; returns the model and stats (mean step time, losses). Saves an HF checkpoint to `out`."""
+    torch.manual_seed(cfg.seed)
+    processor = make_processor()
+    model = Model(make_config(processor, cfg))
+    schedule = PyramidSchedule(cfg.layers, cfg.drop_ratio)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    warmup = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    rng = random.Random(cfg.seed)
+    data = batches(dataset("train", cfg.train_examples, cfg.seed), cfg.batch_size, rng)
+    losses, step_times = [], []
+    model.train()
+    for step in range(cfg.steps):
+        ids, pixels = encode(processor, next(data), with_answer=True)
+        start = time.perf_counter()
+        logits = model.answer_logits(ids, pixels, schedule)
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, -AFTER_QUERY:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step_times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        if log and (step % 100 == 0 or step == cfg.steps - 1):
+            log(f"step {step:5d}  loss {loss.item():.4f}  {step_times[-1] * 1e3:.0f} ms/step")
+    model.eval()
+    if out is not None:
+        save_hf_checkpoint(model.llm, model.vision, model.hf_config, processor, out)
+    skip = min(10, len(step_times) // 2)  # the first steps warm up allocators and caches
+    return model, {"losses": losses, "step_s": sum(step_times[skip:]) / max(1, len(step_times) - skip)}
