@@ -80,6 +80,12 @@ class PyramidSchedule:
     """
     layers: list[int] = field(default_factory=list)
     drop_ratio: float = 0.5
+    # Baselines for comparison, not PyramidDrop: "random" keeps a seeded random subset of the same
+    # size; positions "original" keeps the survivors' original RoPE positions (FastV) instead of
+    # renumbering them 0..L'-1 (the authors' rule).
+    method: str = "attention"
+    positions: str = "renumber"
+    seed: int = 0
 
     @property
     def keep(self) -> float:
@@ -102,7 +108,8 @@ class PyramidSchedule:
         return counts
 
     def to_dict(self) -> dict:
-        return {"layers": list(self.layers), "drop_ratio": self.drop_ratio}
+        return {"layers": list(self.layers), "drop_ratio": self.drop_ratio, "method": self.method,
+                "positions": self.positions, "seed": self.seed}
 
     @classmethod
     def default_layers(cls, n_layers: int) -> list[int]:
@@ -111,14 +118,17 @@ class PyramidSchedule:
         return [layer for layer in layers if layer < n_layers]
 
     @classmethod
-    def create(cls, n_layers: int, drop_ratio: float, layers: list[int] | None = None) -> "PyramidSchedule":
+    def create(cls, n_layers: int, drop_ratio: float, layers: list[int] | None = None, method: str = "attention",
+               positions: str = "renumber", seed: int = 0) -> "PyramidSchedule":
         validate_drop_ratio(drop_ratio)
+        if method not in ("attention", "random") or positions not in ("renumber", "original"):
+            raise ConfigError(f"unknown drop method '{method}' or positions '{positions}'")
         layers = cls.default_layers(n_layers) if layers is None else list(layers)
         if any(not 0 < layer < n_layers for layer in layers):
             raise ConfigError(f"--layers must lie in 1..{n_layers - 1} for a {n_layers}-layer model, got {layers}")
         if layers != sorted(set(layers)):
             raise ConfigError(f"--layers must be strictly increasing, got {layers}")
-        return cls(layers=layers, drop_ratio=float(drop_ratio))
+        return cls(layers=layers, drop_ratio=float(drop_ratio), method=method, positions=positions, seed=seed)
 
 
 def validate_drop_ratio(ratio: float) -> None:

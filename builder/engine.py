@@ -191,9 +191,11 @@ class Engine:
             return base
         return PyramidSchedule.create(self.manifest.llm.n_layers, drop_ratio, base.layers)
 
-    def prepare(self, prompt: str, image, params: SamplingParams, drop_ratio: float | None = None) -> Request:
+    def prepare(self, prompt: str, image, params: SamplingParams, drop_ratio: float | None = None,
+                schedule: PyramidSchedule | None = None) -> Request:
+        """Tokenize and check one request; `schedule` (e.g. a baseline) replaces the engine's."""
         params.validate()
-        schedule = self.schedule(drop_ratio)
+        schedule = schedule or self.schedule(drop_ratio)
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
         if image is None:

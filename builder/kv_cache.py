@@ -1,7 +1,8 @@
 """Static, pre-allocated KV cache with a length per (layer, sequence).
 
 After PyramidDrop compacts a sequence, deeper layers hold fewer tokens than shallow ones, so each
-layer keeps its own lengths. A decode token's RoPE position in layer i is exactly layer i's length.
+layer keeps its own lengths. A decode token's RoPE position in layer i is layer i's length (plus,
+for a row that keeps original positions, the tokens dropped before layer i).
 """
 from __future__ import annotations
 
@@ -17,17 +18,23 @@ class LayerKV(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lengths", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("offsets", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
 
     def fill(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Prefill of one sequence: k, v are (1, n_kv, L, head_dim) and become the row's whole cache."""
+        """Prefill of one sequence: k, v are (1, n_kv, L, head_dim) and become the row's whole cache.
+        The prefill sets the row's position offset itself."""
         length = k.shape[2]
         self.k[row, :, :length] = k[0]
         self.v[row, :, :length] = v[0]
         self.lengths[row] = length
+
+    def positions(self) -> torch.Tensor:
+        """(B, 1) RoPE position of each row's next token in this layer."""
+        return (self.lengths + self.offsets)[:, None]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode: k, v are (B, n_kv, 1, head_dim), written at each row's own length."""

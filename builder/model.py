@@ -108,18 +108,22 @@ class Transformer(nn.Module):
         stage boundary, and fill cache row `row`. Returns the final-normed hidden states of the
         surviving tokens and the per-boundary stats."""
         h = embeds
+        n_prompt = embeds.shape[1]
+        pos = torch.arange(n_prompt, device=h.device)
         stages = []
         for i, layer in enumerate(self.layers):
             if span is not None and i in schedule.layers:
                 if schedule.active:
-                    pos = torch.arange(h.shape[1], device=h.device)
                     keep = schedule.kept_after(span.n_original, schedule.layers.index(i))
-                    h, span, stats = pyramid.drop(layer, self.rope(pos, h.dtype), h, span, keep, i, self.kernels)
+                    h, span, stats = pyramid.drop(layer, self.rope(pos, h.dtype), h, span, keep, i, self.kernels,
+                                                  schedule.method, schedule.seed)
+                    pos = pyramid.positions_after(span, n_prompt, schedule.positions)
                 else:
                     stats = pyramid.StageStats(i, span.n_alive, span.n_alive, span.original.tolist())
                 stages.append(stats)
-            pos = torch.arange(h.shape[1], device=h.device)  # renumbered 0..L'-1 after a drop
             h = layer(h, self.rope(pos, h.dtype), row)
+            cache = layer.attention.kv_cache
+            cache.offsets[row] = n_prompt - h.shape[1] if schedule.positions == "original" else 0
         return self.norm(h), stages
 
     def forward_train(self, embeds: torch.Tensor, image_start: int, n_image: int, schedule: PyramidSchedule,
@@ -142,6 +146,6 @@ class Transformer(nn.Module):
         """One step for the whole batch: tokens (B,) -> logits (B, vocab)."""
         h = self.tok_embeddings(tokens)[:, None]  # (B, 1, dim)
         for layer in self.layers:
-            pos = layer.attention.kv_cache.lengths[:, None]  # (B, 1): this layer's own length
+            pos = layer.attention.kv_cache.positions()  # (B, 1): this layer's own length (+ offset)
             h = layer(h, self.rope(pos, h.dtype), None)
         return self.output(self.norm(h))[:, 0]

@@ -93,17 +93,34 @@ def drop_batch(layer, rope, h: torch.Tensor, start: int, n: int, keep: int, afte
     return torch.stack([h[b, r] for b, r in enumerate(rows)]), kept_all
 
 
-def drop(layer, rope, h: torch.Tensor, span: ImageSpan, keep: int, layer_index: int, kernels=None
-         ) -> tuple[torch.Tensor, ImageSpan, StageStats]:
+def positions_after(span: ImageSpan, n_prompt: int, mode: str) -> torch.Tensor:
+    """RoPE positions of the surviving tokens: renumbered 0..L'-1 (the authors' rule) or, for the
+    FastV-style baseline, their original positions."""
+    length = n_prompt - span.n_original + span.n_alive
+    device = span.original.device
+    if mode == "renumber":
+        return torch.arange(length, device=device)
+    return torch.cat((torch.arange(span.start, device=device), span.start + span.original,
+                      torch.arange(span.start + span.n_original, n_prompt, device=device)))
+
+
+def drop(layer, rope, h: torch.Tensor, span: ImageSpan, keep: int, layer_index: int, kernels=None,
+         method: str = "attention", seed: int = 0) -> tuple[torch.Tensor, ImageSpan, StageStats]:
     """Score the alive image tokens of h (1, L, dim) and compact h to the `keep` best of them, with
-    the CUDA kernels when given (builder/kernels.py), else with torch ops."""
+    the CUDA kernels when given (builder/kernels.py), else with torch ops. method "random" keeps a
+    random subset instead (a baseline), seeded by (seed, layer)."""
     n, length = span.n_alive, h.shape[1]
     keep = min(keep, n)
-    q, k = query_and_keys(layer, rope, h)
-    if kernels is None:
+    if method == "random":
+        g = torch.Generator().manual_seed(seed * 1000 + layer_index)
+        kept = torch.randperm(n, generator=g)[:keep].sort().values.to(h.device)
+        h = h[:, keep_rows(length, span.start, n, kept)]
+    elif kernels is None:
+        q, k = query_and_keys(layer, rope, h)
         kept = select(attention(q, k)[span.start:span.start + n], keep)
         h = h[:, keep_rows(length, span.start, n, kept)]
     else:
+        q, k = query_and_keys(layer, rope, h)
         scores = kernels.score(q[None], k, [length], [span.start], [n])
         kept32 = kernels.select(scores, [n], [keep])
         h = kernels.compact(h[0], [length], [span.start], [n], kept32, [keep])[None]

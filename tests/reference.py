@@ -25,53 +25,62 @@ class Reference:
     def norm(self, x, weight):
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
-    def rope(self, x, n):  # x: (heads, n, hd), positions 0..n-1
+    def rope(self, x, pos):  # x: (heads, n, hd) at positions pos (n,)
         inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
-        ang = torch.arange(n).float()[:, None] * inv[None]
+        ang = pos.float()[:, None] * inv[None]
         cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
         half = self.head_dim // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
-    def qkv(self, i, h):
+    def qkv(self, i, h, pos):
         n = h.shape[0]
         x = self.norm(h, self.w(i, "input_layernorm"))
         q = (x @ self.w(i, "self_attn.q_proj").T).view(n, self.n_heads, -1).transpose(0, 1)
         k = (x @ self.w(i, "self_attn.k_proj").T).view(n, self.n_kv, -1).transpose(0, 1)
         v = (x @ self.w(i, "self_attn.v_proj").T).view(n, self.n_kv, -1).transpose(0, 1)
         rep = self.n_heads // self.n_kv
-        return self.rope(q, n), self.rope(k, n).repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        return self.rope(q, pos), self.rope(k, pos).repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
 
     def attention_probs(self, q, k):  # (H, n, n) causal softmax
         n = q.shape[1]
         logits = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
         return logits.masked_fill(torch.ones(n, n).triu(1).bool(), float("-inf")).softmax(-1)
 
-    def layer(self, i, h):
-        q, k, v = self.qkv(i, h)
+    def layer(self, i, h, pos):
+        q, k, v = self.qkv(i, h, pos)
         y = (self.attention_probs(q, k) @ v).transpose(0, 1).reshape(h.shape[0], -1)
         h = h + y @ self.w(i, "self_attn.o_proj").T
         x = self.norm(h, self.w(i, "post_attention_layernorm"))
         gate, up = x @ self.w(i, "mlp.gate_proj").T, x @ self.w(i, "mlp.up_proj").T
         return h + (torch.nn.functional.silu(gate) * up) @ self.w(i, "mlp.down_proj").T
 
-    def forward(self, embeds, prompt_len, image_start, n_image, layers, keep):
-        """embeds: (L, dim) = prompt (+ generated tokens). Returns last-position logits and kept indices."""
+    def forward(self, embeds, prompt_len, image_start, n_image, layers, keep, positions="renumber",
+                method="attention", seed=0):
+        """embeds: (L, dim) = prompt (+ generated tokens). Returns last-position logits and kept indices.
+        positions "original" and method "random" are the baselines (FastV-style positions, random keep)."""
         h = embeds.float()
+        pos = torch.arange(h.shape[0])
         alive = torch.arange(n_image)
         kept_per_stage = []
         for i in range(self.n_layers):
             if n_image and keep < 1.0 and i in layers:
-                query = prompt_len - (n_image - alive.numel()) - 1  # last prompt token, after earlier drops
-                q, k, _ = self.qkv(i, h)
-                scores = self.attention_probs(q, k)[:, query].mean(0)[image_start:image_start + alive.numel()]
+                n_alive = alive.numel()
                 count = int(n_image * keep ** (layers.index(i) + 1))
-                # stable descending sort = ties go to the lower index
-                chosen = torch.sort(scores, descending=True, stable=True).indices[:count].sort().values
+                if method == "random":
+                    g = torch.Generator().manual_seed(seed * 1000 + i)
+                    chosen = torch.randperm(n_alive, generator=g)[:count].sort().values
+                else:
+                    query = prompt_len - (n_image - n_alive) - 1  # last prompt token, after earlier drops
+                    q, k, _ = self.qkv(i, h, pos)
+                    scores = self.attention_probs(q, k)[:, query].mean(0)[image_start:image_start + n_alive]
+                    # stable descending sort = ties go to the lower index
+                    chosen = torch.sort(scores, descending=True, stable=True).indices[:count].sort().values
                 alive = alive[chosen]
                 kept_per_stage.append(alive.tolist())
                 rows = torch.cat((torch.arange(image_start), image_start + chosen,
-                                  torch.arange(image_start + scores.numel(), h.shape[0])))
+                                  torch.arange(image_start + n_alive, h.shape[0])))
                 h = h[rows]
-            h = self.layer(i, h)
+                pos = pos[rows] if positions == "original" else torch.arange(h.shape[0])
+            h = self.layer(i, h, pos)
         logits = self.norm(h[-1], self.t["language_model.norm.weight"]) @ self.t["lm_head.weight"].T
         return logits, kept_per_stage

@@ -19,9 +19,10 @@ def reference(demo_ckpt):
     return Reference(demo_ckpt)
 
 
-def fast_path(engine, prompt, image, drop, steps):
+def fast_path(engine, prompt, image, drop, steps, **variant):
     """Greedy tokens, per-step logits and stage stats from the engine's cached prefill + decode."""
-    req = engine.prepare(prompt, image, SamplingParams(), drop_ratio=drop)
+    schedule = PyramidSchedule.create(8, drop, DEMO_LAYERS, **variant)
+    req = engine.prepare(prompt, image, SamplingParams(), schedule=schedule)
     with torch.inference_mode():
         embeds, _ = engine._embed(req)
         engine.llm.setup_caches(1, embeds.shape[1] + steps)
@@ -49,6 +50,22 @@ def test_prefill_and_decode_match_reference(drop, case, engine, reference, image
     for step in range(steps):
         ref_logits, ref_kept = reference.forward(seq, req.input_ids.numel(), req.image_start, req.n_image,
                                                  DEMO_LAYERS, keep)
+        assert ref_kept == [s.kept for s in stages]
+        assert (logits[step] - ref_logits).abs().max().item() <= 1e-4, f"step {step}"
+        seq = torch.cat((seq, engine.llm.tok_embeddings.weight[tokens[step]][None]))
+
+
+@pytest.mark.parametrize("variant", [dict(positions="original"), dict(method="random", seed=3),
+                                     dict(method="random", positions="original")])
+def test_baselines_match_the_reference(variant, engine, reference, images):
+    """The comparison baselines (FastV-style original positions, random keep) run through the same
+    cache and decode path and equal the reference of the same variant."""
+    steps = 5
+    req, embeds, tokens, logits, stages = fast_path(engine, PROMPT, images[0], 0.5, steps, **variant)
+    seq = embeds
+    for step in range(steps):
+        ref_logits, ref_kept = reference.forward(seq, req.input_ids.numel(), req.image_start, req.n_image,
+                                                 DEMO_LAYERS, 0.5, **variant)
         assert ref_kept == [s.kept for s in stages]
         assert (logits[step] - ref_logits).abs().max().item() <= 1e-4, f"step {step}"
         seq = torch.cat((seq, engine.llm.tok_embeddings.weight[tokens[step]][None]))
