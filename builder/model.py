@@ -137,7 +137,7 @@ class Transformer(nn.Module):
                 keep = schedule.kept_after(n_image, schedule.layers.index(i))
                 pos = torch.arange(h.shape[1], device=h.device)
                 alive = h.shape[1] - (embeds.shape[1] - n_image)
-                h, _ = pyramid.drop_batch(layer, self.rope(pos, h.dtype), h, image_start, alive, keep, after)
+                h = pyramid.drop_batch(layer, self.rope(pos, h.dtype), h, image_start, alive, keep, after)
             pos = torch.arange(h.shape[1], device=h.device)
             h = layer(h, self.rope(pos, h.dtype), None)
         return self.norm(h)

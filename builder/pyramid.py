@@ -77,20 +77,18 @@ def keep_rows(length: int, start: int, n: int, kept: torch.Tensor) -> torch.Tens
     return torch.cat((seq[:start], kept + start, seq[start + n:]))
 
 
-def drop_batch(layer, rope, h: torch.Tensor, start: int, n: int, keep: int, after: int) -> tuple[torch.Tensor, list]:
+def drop_batch(layer, rope, h: torch.Tensor, start: int, n: int, keep: int, after: int) -> torch.Tensor:
     """The same rule on a batch of same-layout sequences h (B, L, dim) whose query (the last
     instruction token) has `after` tokens after it, as when training with the answer in the input.
     No gradient flows through the ranking."""
     length = h.shape[1]
     query_rope = tuple(t[..., :length - after, :] for t in rope)
-    rows, kept_all = [], []
+    rows = []
     with torch.no_grad():
         for b in range(h.shape[0]):
             q, k = query_and_keys(layer, query_rope, h[b:b + 1, :length - after])
-            kept = select(attention(q, k)[start:start + n], keep)
-            rows.append(keep_rows(length, start, n, kept))
-            kept_all.append(kept)
-    return torch.stack([h[b, r] for b, r in enumerate(rows)]), kept_all
+            rows.append(keep_rows(length, start, n, select(attention(q, k)[start:start + n], keep)))
+    return torch.stack([h[b, r] for b, r in enumerate(rows)])
 
 
 def positions_after(span: ImageSpan, n_prompt: int, mode: str) -> torch.Tensor:
