@@ -88,7 +88,12 @@ class Model(torch.nn.Module):
         llm_cfg = LLMConfig.from_hf(hf_config.text_config)
         self.llm = Transformer(llm_cfg, llm_cfg.max_position_embeddings)
         self.vision = VisionEncoder(vision_spec(hf_config), llm_cfg.dim)
-        torch.nn.init.normal_(self.vision.image_newline, std=llm_cfg.dim ** -0.5)
+        # Llama's init (std 0.02) for the decoder, so that text embeddings do not drown the image
+        # features (std ~0.25 from the projector) as PyTorch's unit-variance embedding init does.
+        for name, p in self.llm.named_parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.02)
+        torch.nn.init.normal_(self.vision.image_newline, std=0.02)
 
     def answer_logits(self, ids: torch.Tensor, pixels: torch.Tensor, schedule: PyramidSchedule) -> torch.Tensor:
         """ids (B, L) = prompt + answer + </s>; pixels (B, patches, 3, TILE, TILE) -> logits (B, 2, V)
