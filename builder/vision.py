@@ -48,12 +48,14 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
         """Returns the packed features and their layout: a base x base block, then rows x (cols + 1)."""
-        pixel_values = pixel_values[:self.num_patches(image_size)]
+        return self.pack(self.features(pixel_values[:self.num_patches(image_size)]), image_size)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles (any number, of any images) (n, 3, H, W) -> projected features (n, side*side, dim)."""
         hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.spec["vision_feature_layer"]]
         if self.spec["vision_feature_select_strategy"] == "default":
             hidden = hidden[:, 1:]  # drop CLS
-        feats = self.projector(hidden)  # (patches, side*side, dim)
-        return self.pack(feats, image_size)
+        return self.projector(hidden)
 
     def pack(self, feats: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
         base, tiles = feats[0], feats[1:]

@@ -99,7 +99,7 @@ class Model(torch.nn.Module):
         """ids (B, L) = prompt + answer + </s>; pixels (B, patches, 3, TILE, TILE) -> logits (B, 2, V)
         at the positions that predict the answer and </s>."""
         batch = ids.shape[0]
-        feats = self.vision.projector(self._tower(pixels.flatten(0, 1)))  # (B * patches, side^2, dim)
+        feats = self.vision.features(pixels.flatten(0, 1))  # (B * patches, side^2, dim)
         feats = feats.view(batch, -1, *feats.shape[1:])
         packed = torch.stack([self.vision.pack(f, (IMAGE, IMAGE))[0] for f in feats])  # (B, N, dim)
         where = (ids[0] == self.hf_config.image_token_id).nonzero()[:, 0]
@@ -108,11 +108,6 @@ class Model(torch.nn.Module):
         embeds = torch.cat((embeds[:, :start], packed, embeds[:, start + n:]), dim=1)
         h = self.llm.forward_train(embeds, start, n, schedule, AFTER_QUERY)
         return self.llm.output(h[:, -AFTER_QUERY - 1:-1])
-
-    def _tower(self, pixels: torch.Tensor) -> torch.Tensor:
-        spec = self.vision.spec
-        hidden = self.vision.tower(pixels, output_hidden_states=True).hidden_states[spec["vision_feature_layer"]]
-        return hidden[:, 1:] if spec["vision_feature_select_strategy"] == "default" else hidden
 
 
 def encode(processor, examples: list[Example], with_answer: bool) -> tuple[torch.Tensor, torch.Tensor]:
