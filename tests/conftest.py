@@ -10,8 +10,20 @@ from builder.config import Limits, PyramidSchedule
 from builder.convert import build_engine
 from builder.engine import Engine
 from builder.presets import preset_checkpoint, write_hf_checkpoint
+from builder.pyramid import ImageSpan
 
 DEMO_LAYERS = [2, 4, 6]
+
+
+def prefill(engine, req, extra: int = 0):
+    """The engine's cached prefill of one prepared request into cache row 0 (room for `extra`
+    decode steps): returns its embeddings (1, L, dim), final hidden states and stage stats."""
+    with torch.inference_mode():
+        embeds, _ = engine._embed(req)
+        engine.llm.setup_caches(1, embeds.shape[1] + extra)
+        span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
+        h, stages = engine.llm.prefill(embeds, 0, span, req.schedule)
+    return embeds, h, stages
 
 
 def make_image(height: int, width: int, seed: int = 0) -> Image.Image:

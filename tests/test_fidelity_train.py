@@ -12,8 +12,8 @@ from builder.convert import build_engine
 from builder.engine import Engine
 from builder.fidelity.task import dataset, render
 from builder.fidelity.train import IMAGE, PROMPT, TrainConfig, encode, make_processor, train
-from builder.pyramid import ImageSpan
 from builder.sampling import SamplingParams
+from conftest import prefill
 
 LAYERS = [1, 2, 3]
 
@@ -48,9 +48,7 @@ def test_trained_checkpoint_converts_and_the_engine_matches_the_training_forward
             req = engine.prepare(PROMPT.format(question=ex.question), render(ex.items, IMAGE), SamplingParams(),
                                  drop_ratio=drop)
             assert torch.equal(req.input_ids, ids[0, :-2])  # the prompt is the training input minus answer, </s>
+            _, h, _ = prefill(engine, req)
             with torch.inference_mode():
-                embeds, _ = engine._embed(req)
-                engine.llm.setup_caches(1, embeds.shape[1])
-                h, _ = engine.llm.prefill(embeds, 0, ImageSpan.full(req.image_start, req.n_image, "cpu"), req.schedule)
                 served = engine.llm.output(h[0, -1])
             assert (served - trained_logits).abs().max().item() <= 1e-4

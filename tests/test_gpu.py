@@ -6,7 +6,7 @@ import torch
 
 from builder.engine import Engine
 from builder.sampling import SamplingParams
-from conftest import DEMO_LAYERS
+from conftest import DEMO_LAYERS, prefill
 from reference import Reference
 
 pytestmark = [pytest.mark.gpu,
@@ -32,14 +32,9 @@ def test_cuda_greedy_equals_cpu(cuda_engine, engine, images):
 
 
 def test_cuda_prefill_matches_reference(cuda_engine, demo_ckpt, images):
-    from builder.pyramid import ImageSpan
-
     req = cuda_engine.prepare(PROMPT, images[0], SamplingParams(), drop_ratio=0.5)
+    embeds, h, stages = prefill(cuda_engine, req)
     with torch.inference_mode():
-        embeds, _ = cuda_engine._embed(req)
-        cuda_engine.llm.setup_caches(1, embeds.shape[1])
-        span = ImageSpan.full(req.image_start, req.n_image, "cuda")
-        h, stages = cuda_engine.llm.prefill(embeds, 0, span, req.schedule)
         ours = cuda_engine.llm.output(h[0, -1]).cpu()
     ref, kept = Reference(demo_ckpt).forward(embeds[0].cpu(), req.input_ids.numel(), req.image_start, req.n_image,
                                              DEMO_LAYERS, 0.5)

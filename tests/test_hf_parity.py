@@ -7,6 +7,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from builder.engine import Engine
 from builder.sampling import SamplingParams
+from conftest import prefill
 
 PROMPTS = ["<image>\nWhat is in the picture? ASSISTANT:",
            "USER: describe <image> briefly ASSISTANT:",
@@ -31,10 +32,8 @@ def engine_no_drop(engine_dir):
 def our_logits(engine, prompt, image):
     """Logits at every prompt position from our prefill (drop 0)."""
     req = engine.prepare(prompt, image, SamplingParams(), drop_ratio=0.0)
+    _, h, _ = prefill(engine, req)
     with torch.inference_mode():
-        embeds, _ = engine._embed(req)
-        engine.llm.setup_caches(1, embeds.shape[1])
-        h, stages = engine.llm.prefill(embeds, 0, None, req.schedule)
         return engine.llm.output(h)[0], req
 
 

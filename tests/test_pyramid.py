@@ -8,7 +8,7 @@ from builder.config import LLMConfig, PyramidSchedule
 from builder.flops import paper_flops
 from builder.pyramid import select
 from builder.sampling import SamplingParams
-from conftest import DEMO_LAYERS
+from conftest import DEMO_LAYERS, prefill
 from reference import Reference
 
 PROMPT = "USER: <image>\nWhich shape is red? ASSISTANT:"
@@ -23,21 +23,14 @@ def fast_path(engine, prompt, image, drop, steps, **variant):
     """Greedy tokens, per-step logits and stage stats from the engine's cached prefill + decode."""
     schedule = PyramidSchedule.create(8, drop, DEMO_LAYERS, **variant)
     req = engine.prepare(prompt, image, SamplingParams(), schedule=schedule)
+    embeds, h, stages = prefill(engine, req, extra=steps)
     with torch.inference_mode():
-        embeds, _ = engine._embed(req)
-        engine.llm.setup_caches(1, embeds.shape[1] + steps)
-        h, stages = engine.llm.prefill(embeds, 0, *_span(req), req.schedule)
         logits = [engine.llm.output(h[0, -1])]
         tokens = [int(logits[-1].argmax())]
         for _ in range(steps - 1):
             logits.append(engine.llm.decode(torch.tensor(tokens[-1:]))[0])
             tokens.append(int(logits[-1].argmax()))
     return req, embeds[0], tokens, logits, stages
-
-
-def _span(req):
-    from builder.pyramid import ImageSpan
-    return (ImageSpan.full(req.image_start, req.n_image, "cpu"),)
 
 
 @pytest.mark.parametrize("drop,case", [(0.5, 0), (0.5, 3), (0.25, 1), (0.75, 4), (0.5, 5)])
