@@ -113,15 +113,15 @@ def drop(layer, rope, h: torch.Tensor, span: ImageSpan, keep: int, layer_index: 
         g = torch.Generator().manual_seed(seed * 1000 + layer_index)
         kept = torch.randperm(n, generator=g)[:keep].sort().values.to(h.device)
         h = h[:, keep_rows(length, span.start, n, kept)]
-    elif kernels is None:
+    else:  # the rule: rank by the last token's attention
         q, k = query_and_keys(layer, rope, h)
-        kept = select(attention(q, k)[span.start:span.start + n], keep)
-        h = h[:, keep_rows(length, span.start, n, kept)]
-    else:
-        q, k = query_and_keys(layer, rope, h)
-        scores = kernels.score(q[None], k, [length], [span.start], [n])
-        kept32 = kernels.select(scores, [n], [keep])
-        h = kernels.compact(h[0], [length], [span.start], [n], kept32, [keep])[None]
-        kept = kept32.long()
+        if kernels is None:
+            kept = select(attention(q, k)[span.start:span.start + n], keep)
+            h = h[:, keep_rows(length, span.start, n, kept)]
+        else:
+            scores = kernels.score(q[None], k, [length], [span.start], [n])
+            kept32 = kernels.select(scores, [n], [keep])
+            h = kernels.compact(h[0], [length], [span.start], [n], kept32, [keep])[None]
+            kept = kept32.long()
     new_span = ImageSpan(span.start, span.n_original, span.original[kept])
     return h, new_span, StageStats(layer_index, n, keep, new_span.original.tolist())
