@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from .config import EXPORTS
 from .errors import ConfigError, PdropError
 
 
@@ -28,13 +29,6 @@ def _layers(text: str) -> list[int]:
     return layers
 
 
-def _largest_image_tokens(vision: dict) -> int:
-    """Image tokens of the largest anyres image (an image exactly the size of a grid pinpoint)."""
-    tile = vision["vision_config"]["image_size"]
-    side = tile // vision["vision_config"]["patch_size"]
-    return max(side * side + (h // tile * side) * (w // tile * side + 1) for h, w in vision["image_grid_pinpoints"])
-
-
 def _flops(x: float) -> str:
     unit = next(u for u in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1, "FLOPs")) if x >= u[0] or u[0] == 1)
     return f"{x / unit[0]:.2f} {unit[1]}"
@@ -46,6 +40,7 @@ def cmd_build(args) -> int:
     from .convert import build_engine
     from .flops import report
     from .presets import PRESETS, preset_checkpoint
+    from .vision import largest_image_tokens
 
     layers = _layers(args.layers) if args.layers is not None else None
     model = args.model
@@ -57,9 +52,11 @@ def cmd_build(args) -> int:
     limits = Limits(args.max_batch_size, args.max_input_len or max_seq - min(512, max_seq // 2), max_seq)
     output = Path(args.output or f"engines/{Path(model).name}")
     archs = [a.strip() for a in args.cuda_archs.split(",")] if args.cuda_archs else None
+    # trtllm-build reads the checkpoint; the vision ONNX is the multimodal runner's other half
+    exports = sorted(set(args.export) | (set(EXPORTS) if args.backend == "tensorrt-llm" else set()))
     manifest, params = build_engine(ckpt, output, schedule, limits, args.dtype, args.force,
-                                    progress=not args.quiet, plugins=args.plugins, cuda_archs=archs)
-    n_img = _largest_image_tokens(manifest.vision)
+                                    progress=not args.quiet, plugins=args.plugins, cuda_archs=archs, exports=exports)
+    n_img = largest_image_tokens(manifest.vision)
     fl = report(llm, schedule, n_img, 32)
     per_stage = schedule.tokens_per_layer(n_img, llm.n_layers)
     stages = [per_stage[0]] + [per_stage[b] for b in schedule.layers]
@@ -75,6 +72,18 @@ def cmd_build(args) -> int:
     plug = manifest.plugins
     print(f"  kernels      {plug['library']} (sm_{', sm_'.join(plug['archs'])})" if plug["library"]
           else f"  kernels      none ({plug['reason']}): the drop runs on torch ops")
+    if "onnx" in manifest.exports:
+        onnx = manifest.exports["onnx"]
+        print(f"  export       {onnx['path']} (opset {onnx['opset']}, onnxruntime vs torch max abs diff "
+              f"{onnx['max_abs_diff']:.2e})")
+    if "trtllm-checkpoint" in manifest.exports:
+        ckpt_export = manifest.exports["trtllm-checkpoint"]
+        print(f"  export       {ckpt_export['path']}/ (TensorRT-LLM checkpoint, {ckpt_export['architecture']})")
+    if args.backend == "tensorrt-llm":
+        from .trtllm_build import build_llm_engine
+
+        sys.stdout.flush()  # the summary above stays before trtllm-build's log or the error line
+        print(f"  tensorrt-llm {build_llm_engine(output, manifest)}")
     return 0
 
 
@@ -163,6 +172,13 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--plugins", default="auto",
                    help="compile the drop's CUDA kernels into the engine: auto (when nvcc is found), on, off")
     b.add_argument("--cuda-archs", help="GPU architectures for the kernels, e.g. 80,90 (default 80,86,89,90)")
+    b.add_argument("--export", action="append", default=[], choices=EXPORTS,
+                   help="also write a TensorRT deployment artifact into the engine (repeatable): onnx = the vision "
+                        "tower + projector as vision/model.onnx, checked with onnxruntime; trtllm-checkpoint = "
+                        "the LLM as a TensorRT-LLM checkpoint in trtllm-checkpoint/")
+    b.add_argument("--backend", default="pytorch", choices=["pytorch", "tensorrt-llm"],
+                   help="pytorch (default): the engine pdrop runs; tensorrt-llm: also run trtllm-build on the "
+                        "exports into <output>/llm (needs TensorRT-LLM installed)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_build)
 

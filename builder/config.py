@@ -8,6 +8,8 @@ from .errors import CheckpointError, ConfigError
 
 # Llama-family text models whose decoder is exactly ours (RMSNorm, RoPE, SwiGLU, no biases).
 SUPPORTED_TEXT_MODELS = ("llama", "mistral")
+# TensorRT deployment artifacts `build --export` writes beside the engine (export_onnx.py, export_trtllm.py).
+EXPORTS = ("onnx", "trtllm-checkpoint")
 
 
 @dataclass

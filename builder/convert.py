@@ -5,6 +5,7 @@ The engine is staged beside the output and renamed into place only when complete
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from tqdm import tqdm
 
 from .atomic import staging_dir
 from .checkpoint import Checkpoint
-from .config import Limits, PyramidSchedule
+from .config import EXPORTS, Limits, PyramidSchedule
 from .engine_format import LLM_WEIGHTS, MANIFEST, VISION_WEIGHTS, Manifest, checksum_dir
 from .errors import ConfigError, PdropError
 
@@ -103,13 +104,36 @@ def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tupl
     return paths, record
 
 
+def write_exports(engine_dir: Path, exports: Sequence[str], ckpt: Checkpoint, schedule: PyramidSchedule,
+                  dtype: str) -> dict:
+    """The asked-for exports (EXPORTS) of the engine being staged in `engine_dir`, read from its files."""
+    from .export_onnx import export_vision
+    from .export_trtllm import write_checkpoint
+
+    records = {}
+    if "onnx" in exports:
+        records["onnx"] = export_vision(engine_dir, vision_spec(ckpt.hf_config), ckpt.llm.dim)
+    if "trtllm-checkpoint" in exports:
+        records["trtllm-checkpoint"] = write_checkpoint(engine_dir, ckpt.llm, ckpt.hf_config.text_config.model_type,
+                                                        dtype, schedule)
+    return records
+
+
 def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule, limits: Limits,
                  dtype: str = "auto", force: bool = False, progress: bool = True, plugins: str = "off",
-                 cuda_archs: list[str] | None = None) -> tuple[Manifest, int]:
-    """Convert `ckpt` into an engine directory at `output`. Returns the manifest and parameter count."""
+                 cuda_archs: list[str] | None = None, exports: Sequence[str] = ()) -> tuple[Manifest, int]:
+    """Convert `ckpt` into an engine directory at `output`, with the `exports` named (EXPORTS).
+    Returns the manifest and parameter count."""
     llm = ckpt.llm
     limits.validate(llm, ckpt.sliding_window)
     dtype = resolve_dtype(dtype, ckpt)
+    unknown = sorted(set(exports) - set(EXPORTS))
+    if unknown:
+        raise ConfigError(f"unknown export '{unknown[0]}': choose {', '.join(EXPORTS)}")
+    if "onnx" in exports:
+        from .export_onnx import require_onnx
+
+        require_onnx()  # before converting anything
     tied = "lm_head.weight" not in ckpt.names
     llm_plan, vision_plan = llm_weight_plan(llm.n_layers, tied), vision_weight_plan(ckpt.names)
     output = Path(output)
@@ -125,10 +149,11 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
             ckpt.processor.save_pretrained(tmp)
         except Exception as e:
             raise PdropError(f"cannot save the processor: {e}") from None
+        records = write_exports(tmp, exports, ckpt, schedule, dtype)
         manifest = Manifest(
             llm=llm, vision=vision_spec(ckpt.hf_config), pyramid=schedule, dtype=dtype, limits=limits,
             image_token_id=ckpt.hf_config.image_token_id, eos_token_ids=eos_ids(ckpt),
             source={"checkpoint": ckpt.source, "fingerprint": ckpt.fingerprint}, files=checksum_dir(tmp),
-            plugins=plugin_record)
+            plugins=plugin_record, exports=records)
         (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest, params

@@ -6,6 +6,8 @@
     libpdrop_plugins.so the drop's CUDA kernels (when nvcc was there at build time)
     vision.safetensors  CLIP tower (`tower.*`), projector (`projector.*`), `image_newline`
     tokenizer.json, processor_config.json, chat_template.jinja, ...   as transformers saves them
+    vision/, trtllm-checkpoint/   TensorRT deployment exports, when asked for (export_onnx.py,
+                        export_trtllm.py); their files are checksummed like the others
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Manifest:
     source: dict
     files: dict[str, str]
     plugins: dict = field(default_factory=dict)  # {"library", "kernels", "archs", "abi_version"} or {"reason"}
+    exports: dict = field(default_factory=dict)  # "onnx" / "trtllm-checkpoint" -> what was written and verified
     builder_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -45,7 +48,7 @@ class Manifest:
             "llm": self.llm.to_dict(), "vision": self.vision, "pyramid": self.pyramid.to_dict(),
             "dtype": self.dtype, "limits": self.limits.to_dict(), "image_token_id": self.image_token_id,
             "eos_token_ids": self.eos_token_ids, "source": self.source, "plugins": self.plugins,
-            "files": self.files}, indent=2)
+            "exports": self.exports, "files": self.files}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
@@ -56,6 +59,7 @@ class Manifest:
         return cls(llm=LLMConfig.from_dict(d["llm"]), vision=d["vision"], pyramid=PyramidSchedule(**d["pyramid"]),
                    dtype=d["dtype"], limits=Limits(**d["limits"]), image_token_id=d["image_token_id"],
                    eos_token_ids=d["eos_token_ids"], source=d["source"], files=d["files"], plugins=d["plugins"],
+                   exports=d.get("exports", {}),
                    builder_version=d["builder_version"], format_version=d["format_version"])
 
 
@@ -68,7 +72,9 @@ def sha256_file(path: Path) -> str:
 
 
 def checksum_dir(path: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
+    """sha256 of every file but the manifest, keyed by its path relative to `path` ('vision/model.onnx')."""
+    return {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*"))
+            if p.is_file() and p != path / MANIFEST}
 
 
 def read_manifest(path: str | Path, verify: bool = True) -> Manifest:

@@ -19,3 +19,7 @@ class EngineError(PdropError):
 
 class InputError(PdropError):
     """A bad request: unreadable image, too-long prompt, bad sampling parameter."""
+
+
+class ExportError(PdropError):
+    """A TensorRT deployment artifact that cannot be made: missing packages, a failed check, no backend."""

@@ -16,6 +16,19 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 
+def max_tiles(spec: dict) -> int:
+    """Most tiles one image is cut into: the base tile plus the largest anyres grid."""
+    tile = spec["vision_config"]["image_size"]
+    return 1 + max((h // tile) * (w // tile) for h, w in spec["image_grid_pinpoints"])
+
+
+def largest_image_tokens(spec: dict) -> int:
+    """Image tokens of the largest anyres image (an image exactly the size of a grid pinpoint)."""
+    tile = spec["vision_config"]["image_size"]
+    side = tile // spec["vision_config"]["patch_size"]
+    return max(side * side + (h // tile * side) * (w // tile * side + 1) for h, w in spec["image_grid_pinpoints"])
+
+
 class Projector(nn.Module):
     def __init__(self, vision_dim: int, text_dim: int, act: str, bias: bool):
         super().__init__()
@@ -30,12 +43,12 @@ class Projector(nn.Module):
 class VisionEncoder(nn.Module):
     """pixel_values of one image (patches, 3, H, W) + its (height, width) -> (n_image_tokens, text_dim)."""
 
-    def __init__(self, spec: dict, text_dim: int):
+    def __init__(self, spec: dict, text_dim: int, attention: str = "sdpa"):
         super().__init__()
         self.spec = spec
         fields = dict(spec["vision_config"])
         vision_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        vision_config._attn_implementation = "sdpa"
+        vision_config._attn_implementation = attention  # "eager" for ONNX export, as TensorRT-LLM does
         self.tower = AutoModel.from_config(vision_config)
         self.projector = Projector(vision_config.hidden_size, text_dim, spec["projector_hidden_act"],
                                    spec["multimodal_projector_bias"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from builder.config import Limits, PyramidSchedule
+from builder.config import EXPORTS, Limits, PyramidSchedule
 from builder.convert import build_engine
 from builder.engine import Engine
 from builder.presets import preset_checkpoint, write_hf_checkpoint
@@ -46,8 +46,9 @@ def hf_dir(demo_ckpt, tmp_path_factory):
     return write_hf_checkpoint(demo_ckpt, tmp_path_factory.mktemp("hf") / "demo-hf")
 
 
-def _build(ckpt, path, drop):
-    build_engine(ckpt, path, PyramidSchedule.create(8, drop, DEMO_LAYERS), Limits(8, 1536, 2048), progress=False)
+def _build(ckpt, path, drop, exports=()):
+    build_engine(ckpt, path, PyramidSchedule.create(8, drop, DEMO_LAYERS), Limits(8, 1536, 2048), progress=False,
+                 exports=exports)
     return path
 
 
@@ -55,6 +56,12 @@ def _build(ckpt, path, drop):
 def engine_dir(demo_ckpt, tmp_path_factory):
     """Demo engine built with drop ratio 0.5 (layers 2, 4, 6)."""
     return _build(demo_ckpt, tmp_path_factory.mktemp("eng") / "demo", 0.5)
+
+
+@pytest.fixture(scope="session")
+def exported_dir(demo_ckpt, tmp_path_factory):
+    """The same demo engine built with both TensorRT exports: vision/ (ONNX) and trtllm-checkpoint/."""
+    return _build(demo_ckpt, tmp_path_factory.mktemp("export") / "demo", 0.5, EXPORTS)
 
 
 @pytest.fixture(scope="session")

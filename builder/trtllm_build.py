@@ -1,0 +1,62 @@
+"""`build --backend tensorrt-llm`: TensorRT-LLM engines from the exported checkpoint, by trtllm-build.
+
+Runs after the PyTorch engine and its exports are in place, so a missing TensorRT-LLM (it installs
+only from NVIDIA's own package index, on GPU machines) stops the build with one line and leaves a
+valid engine. The LLM engine goes to `<engine>/llm`, where TensorRT-LLM's multimodal runner looks
+for it, staged and renamed into place like the engine itself.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from .atomic import staging_dir
+from .engine_format import Manifest
+from .errors import ExportError
+from .export_onnx import VISION_DIR
+from .export_trtllm import CHECKPOINT_DIR
+from .vision import largest_image_tokens
+
+LLM_ENGINE_DIR = "llm"
+
+
+def trtllm_build_command(checkpoint_dir: Path, output_dir: Path, manifest: Manifest) -> list[str]:
+    """trtllm-build's flags for this engine: its dtype and limits, as in TensorRT-LLM's LLaVA-NeXT
+    recipe (examples/models/core/multimodal/README.md)."""
+    limits = manifest.limits
+    return [
+        "trtllm-build", "--checkpoint_dir", str(checkpoint_dir), "--output_dir", str(output_dir),
+        "--gpt_attention_plugin", manifest.dtype, "--gemm_plugin", manifest.dtype, "--use_fused_mlp", "enable",
+        "--max_batch_size", str(limits.max_batch_size), "--max_input_len", str(limits.max_input_len),
+        "--max_seq_len", str(limits.max_seq_len),
+        # a whole prompt, image tokens included, in one step: no context chunking needed
+        "--max_num_tokens", str(limits.max_input_len),
+        # the prompt table holds every request's packed image features at once
+        "--max_multimodal_len", str(limits.max_batch_size * largest_image_tokens(manifest.vision)),
+    ]
+
+
+def _missing(reason: str, engine_dir: Path) -> ExportError:
+    return ExportError(
+        f"--backend tensorrt-llm needs TensorRT-LLM ({reason}): install tensorrt-llm from NVIDIA's package index "
+        f"on a machine with an NVIDIA GPU and rerun; written meanwhile: the PyTorch engine {engine_dir} with "
+        f"{VISION_DIR}/model.onnx and {CHECKPOINT_DIR}/ (the input of trtllm-build)")
+
+
+def build_llm_engine(engine_dir: Path, manifest: Manifest) -> Path:
+    """Run trtllm-build into `<engine_dir>/llm`; ExportError (one line) when it cannot run or fails."""
+    try:
+        import tensorrt_llm  # noqa: F401
+    except Exception as e:  # ImportError, or its CUDA/TensorRT libraries failing to load
+        raise _missing(f"import tensorrt_llm failed: {str(e).splitlines()[0]}", engine_dir) from None
+    if shutil.which("trtllm-build") is None:
+        raise _missing("tensorrt_llm imports but trtllm-build is not on PATH", engine_dir)
+    output = engine_dir / LLM_ENGINE_DIR
+    with staging_dir(output, force=True) as tmp:
+        cmd = trtllm_build_command(engine_dir / CHECKPOINT_DIR, tmp, manifest)
+        code = subprocess.run(cmd).returncode  # its log streams through: builds take minutes
+        if code != 0:
+            raise ExportError(f"trtllm-build failed with exit code {code} (its log is above); "
+                              f"the PyTorch engine and its exports in {engine_dir} are intact")
+    return output
