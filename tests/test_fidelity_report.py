@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fidelity" / "report.
 
 
 def test_report_runs_end_to_end(tmp_path):
-    out = subprocess.run([sys.executable, str(SCRIPT), "--steps", "6", "--batch-size", "8", "--train-examples",
+    out = subprocess.run([sys.executable, str(SCRIPT), "--steps", "6", "--pretrain-steps", "2", "--batch-size", "8", "--train-examples",
                           "200", "--test", "16", "--dim", "64", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

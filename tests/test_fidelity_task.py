@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from builder.fidelity.task import COLOURS, GRID, dataset, render, solve
+from builder.fidelity.task import COLOURS, GRID, PREFIXES, dataset, kind, render, solve
 
 
 def test_same_seed_same_examples_and_splits_differ():
@@ -17,8 +17,10 @@ def test_solver_agrees_with_every_answer():
     examples = dataset("train", 3000) + dataset("test", 1000)
     for ex in examples:
         assert solve(ex.items, ex.question) == ex.answer
-    kinds = Counter(ex.question.split()[0] + ex.question.split()[1] for ex in examples)
+    kinds = Counter(kind(ex.question) for ex in examples)
     assert len(kinds) == 4 and min(kinds.values()) > 300  # every kind of question is well represented
+    lengths = {k: {len(ex.question.split()) for ex in examples if kind(ex.question) == k} for k in kinds}
+    assert all(len(n) == len(PREFIXES) for n in lengths.values())  # a question's length does not give its kind
     assert len({ex.answer for ex in examples}) >= 10
 
 

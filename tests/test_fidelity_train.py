@@ -10,8 +10,9 @@ from builder.checkpoint import open_checkpoint
 from builder.config import Limits, PyramidSchedule
 from builder.convert import build_engine
 from builder.engine import Engine
-from builder.fidelity.task import dataset, render
-from builder.fidelity.train import IMAGE, PROMPT, TrainConfig, encode, make_processor, train
+from builder.fidelity.pretrain import patch_cells, patch_labels, pretrain_tower
+from builder.fidelity.task import COLOURS, dataset, render
+from builder.fidelity.train import IMAGE, PROMPT, Model, TrainConfig, encode, make_config, make_processor, train
 from builder.sampling import SamplingParams
 from conftest import prefill
 
@@ -22,7 +23,7 @@ LAYERS = [1, 2, 3]
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("fid")
     cfg = TrainConfig(steps=30, batch_size=16, dim=128, n_layers=4, layers=LAYERS, train_examples=300, lr=3e-3,
-                      drop_ratio=0.5)
+                      drop_ratio=0.5, pretrain_steps=3)
     model, stats = train(cfg, out / "ckpt", log=None)
     return model, stats, out
 
@@ -52,3 +53,32 @@ def test_trained_checkpoint_converts_and_the_engine_matches_the_training_forward
             with torch.inference_mode():
                 served = engine.llm.output(h[0, -1])
             assert (served - trained_logits).abs().max().item() <= 1e-4
+
+
+def test_tower_pretraining_labels_each_patch_with_the_cell_under_it():
+    """Independent of the cell arithmetic: a patch is labelled with a colour exactly when its pixels
+    show that colour, in the base tile and in every crop."""
+    processor = make_processor()
+    cells = patch_cells(56, IMAGE, 14)
+    assert cells.shape == (5, 16, 2)
+    mean = torch.tensor(processor.image_processor.image_mean)[:, None, None]
+    std = torch.tensor(processor.image_processor.image_std)[:, None, None]
+    palette = torch.tensor([[0, 0, 0]] + list(COLOURS.values()), dtype=torch.float)
+    for ex in dataset("val", 12):
+        pixels = processor.image_processor([render(ex.items, IMAGE)], return_tensors="pt").pixel_values[0]
+        rgb = ((pixels * std + mean) * 255).unfold(2, 14, 14).unfold(3, 14, 14)  # (tiles, 3, 4, 4, 14, 14)
+        rgb = rgb.permute(0, 2, 3, 4, 5, 1).reshape(5, 16, 14 * 14, 3)
+        labels = patch_labels(ex, cells)
+        for t in range(5):
+            for p in range(16):
+                shown = {c for c in range(1, 5) if ((rgb[t, p] - palette[c]).abs().max(-1).values < 40).any()}
+                assert shown == ({int(labels[t, p, 0])} - {0}), (ex, t, p)
+
+
+def test_tower_pretraining_learns_the_patch_labels():
+    processor = make_processor()
+    model = Model(make_config(processor, TrainConfig(dim=64, n_layers=2)))
+    examples = dataset("train", 200)
+    before = pretrain_tower(model.vision, processor.image_processor, examples, IMAGE, 1, 16, 1e-3, 0, log=None)
+    after = pretrain_tower(model.vision, processor.image_processor, examples, IMAGE, 40, 16, 1e-3, 0, log=None)
+    assert after > before + 0.2

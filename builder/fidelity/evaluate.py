@@ -10,7 +10,7 @@ from ..config import PyramidSchedule
 from ..engine import Engine
 from ..flops import full_flops, paper_flops
 from ..sampling import SamplingParams
-from .task import Example, render
+from .task import Example, kind, render
 from .train import IMAGE, PROMPT
 
 
@@ -21,16 +21,19 @@ class Variant:
     schedule: PyramidSchedule
 
 
-def accuracy(engine: Engine, examples: list[Example], schedule: PyramidSchedule, batch: int = 8) -> float:
-    correct = 0
+def accuracy(engine: Engine, examples: list[Example], schedule: PyramidSchedule, batch: int = 8) -> dict[str, float]:
+    """Fraction answered right, overall ("all") and per question kind."""
+    right: dict[str, list[bool]] = {}
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
         reqs = [engine.prepare(PROMPT.format(question=ex.question), render(ex.items, IMAGE),
                                SamplingParams(max_new_tokens=1), schedule=schedule) for ex in chunk]
         answers = [engine.tokenizer.convert_tokens_to_ids(ex.answer) for ex in chunk]
         for delta in engine.stream_prepared(reqs):
-            correct += delta.result is not None and delta.token_id == answers[delta.index]
-    return correct / len(examples)
+            if delta.result is not None:
+                right.setdefault(kind(chunk[delta.index].question), []).append(delta.token_id == answers[delta.index])
+    every = [r for rs in right.values() for r in rs]
+    return {"all": sum(every) / len(examples), **{k: sum(rs) / len(rs) for k, rs in sorted(right.items())}}
 
 
 def _bisect(f, lo: float, hi: float, target: float, steps: int = 60) -> float:

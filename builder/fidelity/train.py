@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from ..convert import vision_spec
 from ..export_hf import save_hf_checkpoint
 from ..model import Transformer
 from ..vision import VisionEncoder
-from .task import COLOURS, NUMBERS, SHAPES, Example, dataset, render
+from .pretrain import pretrain_tower
+from .task import COLOURS, NUMBERS, PREFIXES, SHAPES, Example, dataset, render
 
 TILE, IMAGE = 56, 112  # 56-px tiles of 4 x 4 patches; a 112-px image is a 2 x 2 grid: 88 image tokens
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -32,19 +34,21 @@ AFTER_QUERY = 2  # in training inputs the answer word and </s> follow the last i
 class TrainConfig:
     steps: int = 1500
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 1e-3
     drop_ratio: float = 0.0  # > 0: train with the pyramid schedule active
     layers: list[int] = field(default_factory=lambda: [2, 4, 6])
     train_examples: int = 20000
     seed: int = 0
     dim: int = 192
     n_layers: int = 8
+    pretrain_steps: int = 200  # stage 1: the tower on per-patch labels (see pretrain.py)
 
 
 def task_words() -> list[str]:
     words = set("USER ASSISTANT What colour is the Which shape How many shapes are there in row column".split())
     words |= set(COLOURS) | set(SHAPES) | set(NUMBERS) | {"nothing"} | {str(i) for i in range(1, 5)}
-    return sorted(words) + ["?", ":"]
+    words |= {w for p in PREFIXES for w in p.replace(".", " ").split()}
+    return sorted(words) + ["?", ":", "."]
 
 
 def make_processor():
@@ -88,11 +92,10 @@ class Model(torch.nn.Module):
         llm_cfg = LLMConfig.from_hf(hf_config.text_config)
         self.llm = Transformer(llm_cfg, llm_cfg.max_position_embeddings)
         self.vision = VisionEncoder(vision_spec(hf_config), llm_cfg.dim)
-        # Llama's init (std 0.02) for the decoder, so that text embeddings do not drown the image
-        # features (std ~0.25 from the projector) as PyTorch's unit-variance embedding init does.
-        for name, p in self.llm.named_parameters():
-            if p.dim() > 1:
-                torch.nn.init.normal_(p, std=0.02)
+        # Embeddings at Llama's std 0.02, so that text does not drown the image features (std ~0.25)
+        # as a unit-variance init would; linear layers keep PyTorch's larger default, because at
+        # std 0.02 attention starts so flat that even 64 examples are not fitted in 100 steps.
+        torch.nn.init.normal_(self.llm.tok_embeddings.weight, std=0.02)
         torch.nn.init.normal_(self.vision.image_newline, std=0.02)
 
     def answer_logits(self, ids: torch.Tensor, pixels: torch.Tensor, schedule: PyramidSchedule) -> torch.Tensor:
@@ -117,11 +120,11 @@ def encode(processor, examples: list[Example], with_answer: bool) -> tuple[torch
 
 
 def batches(examples: list[Example], size: int, rng: random.Random):
-    """Endless batches of one question kind each: same token layout, so no padding is needed."""
-    kinds: dict[str, list[Example]] = {}
-    for ex in examples:
-        kinds.setdefault(" ".join(ex.question.split()[:2]), []).append(ex)
-    pools = list(kinds.values())
+    """Endless batches of questions of one length each: same token layout, so no padding is needed."""
+    lengths: dict[int, list[Example]] = {}
+    for ex in examples:  # the word-level tokenizer's split: words and punctuation
+        lengths.setdefault(len(re.findall(r"\w+|[^\w\s]+", ex.question)), []).append(ex)
+    pools = list(lengths.values())
     weights = [len(p) for p in pools]
     while True:
         pool = rng.choices(pools, weights)[0]
@@ -134,12 +137,17 @@ def train(cfg: TrainConfig, out: str | Path | None = None, log=print) -> tuple[M
     processor = make_processor()
     model = Model(make_config(processor, cfg))
     schedule = PyramidSchedule(cfg.layers, cfg.drop_ratio)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    examples = dataset("train", cfg.train_examples, cfg.seed)
+    # Stage 1 stands in for CLIP's pretraining; then, as LLaVA trains, the tower stays frozen.
+    pretrain_tower(model.vision, processor.image_processor, examples, IMAGE, cfg.pretrain_steps, 64, 1e-3, cfg.seed,
+                   log)
+    model.vision.tower.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
     warmup = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     rng = random.Random(cfg.seed)
-    data = batches(dataset("train", cfg.train_examples, cfg.seed), cfg.batch_size, rng)
+    data = batches(examples, cfg.batch_size, rng)
     losses, step_times = [], []
     model.train()
     for step in range(cfg.steps):

@@ -1,7 +1,7 @@
 """Fidelity report: does PyramidDrop keep answers where naive dropping loses them, and does
-training with it save time? One command, CPU (about 35 minutes with the defaults) or GPU.
+training with it save time? One command; about 36 minutes on 2 CPU cores with the defaults.
 
-    python scripts/fidelity/report.py [--steps 1500] [--test 1000] [--out fidelity-results]
+    python scripts/fidelity/report.py [--steps 1500] [--test 500] [--out fidelity-results]
 
 Trains the same small LLaVA-NeXT twice from scratch on the procedural task (normally, and with
 the pyramid schedule at drop 0.5), saves both in Hugging Face layout, builds engines with
@@ -59,16 +59,18 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--pretrain-steps", type=int, default=TrainConfig.pretrain_steps, help="stage 1: the tower")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train-examples", type=int, default=20000)
-    p.add_argument("--test", type=int, default=1000, help="test examples")
+    p.add_argument("--test", type=int, default=500, help="test examples")
     p.add_argument("--dim", type=int, default=192)
     p.add_argument("--out", type=Path, default=Path("fidelity-results"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    base = dict(steps=args.steps, batch_size=args.batch_size, train_examples=args.train_examples, dim=args.dim)
+    base = dict(steps=args.steps, pretrain_steps=args.pretrain_steps, batch_size=args.batch_size,
+                train_examples=args.train_examples, dim=args.dim)
     runs = {}
     for name, drop in (("normal", 0.0), ("pdrop", 0.5)):
         log(f"training {name} (drop {drop}) for {args.steps} steps")
@@ -87,23 +89,27 @@ def main() -> int:
     for v in variants(cfg.n_layers, n_image, cfg):
         acc = accuracy(engine, test, v.schedule)
         fl = flops_of(cfg, v.schedule, n_image, n_text)
-        rows.append({"name": v.name, "family": v.family, "accuracy": acc, **fl})
-        log(f"{v.name:60s} {100 * acc:5.1f}%")
+        rows.append({"name": v.name, "family": v.family, "accuracy": acc.pop("all"), "by_kind": acc, **fl})
+        log(f"{v.name:60s} {100 * rows[-1]['accuracy']:5.1f}%")
     trained = build(args.out / "pdrop-ckpt", args.out / "pdrop-engine", runs["pdrop"]["layers"])
     for drop in (0.0, 0.5):
         sched = PyramidSchedule.create(cfg.n_layers, drop, runs["pdrop"]["layers"])
+        acc = accuracy(trained, test, sched)
         rows.append({"name": f"trained with PyramidDrop, served at drop {drop}", "family": "pdrop-trained",
-                     "accuracy": accuracy(trained, test, sched), **flops_of(cfg, sched, n_image, n_text)})
+                     "accuracy": acc.pop("all"), "by_kind": acc, **flops_of(cfg, sched, n_image, n_text)})
     base_flops = rows[0]["paper"]
     for r in rows:
         r["flops_rel"] = r["paper"] / base_flops
 
     ref = rows[0]["accuracy"]
     print(f"\nFidelity on {args.test} test questions ({n_image} image tokens), CPU {torch.get_num_threads()} threads")
-    print(f"{'variant':62} {'accuracy':>8} {'x no-drop':>9} {'avg img tok':>11} {'FLOPs x':>7}")
+    kinds = list(rows[0]["by_kind"])
+    print(f"{'variant':62} {'accuracy':>8} {'x no-drop':>9} {'avg img tok':>11} {'FLOPs x':>7} "
+          + " ".join(f"{k:>6}" for k in kinds))
     for r in rows:
         print(f"{r['name']:62} {100 * r['accuracy']:7.1f}% {r['accuracy'] / ref if ref else 0:>9.3f} "
-              f"{r['avg_image_tokens']:>11.1f} {r['flops_rel']:>7.3f}")
+              f"{r['avg_image_tokens']:>11.1f} {r['flops_rel']:>7.3f} "
+              + " ".join(f"{100 * r['by_kind'].get(k, 0):5.1f}%" for k in kinds))
     n, d = runs["normal"], runs["pdrop"]
     print(f"\ntraining step: normal {n['step_ms']:.0f} ms, with PyramidDrop {d['step_ms']:.0f} ms "
           f"({100 * (1 - d['step_ms'] / n['step_ms']):.0f}% less); final loss {n['final_loss']:.3f} vs "
