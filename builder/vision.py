@@ -65,10 +65,14 @@ class VisionEncoder(nn.Module):
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Tiles (any number, of any images) (n, 3, H, W) -> projected features (n, side*side, dim)."""
+        return self.projector(self.tower_features(pixel_values))
+
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The CLIP layer the projector reads, CLS dropped under the "default" strategy."""
         hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.spec["vision_feature_layer"]]
         if self.spec["vision_feature_select_strategy"] == "default":
             hidden = hidden[:, 1:]  # drop CLS
-        return self.projector(hidden)
+        return hidden
 
     def pack(self, feats: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, dict]:
         base, tiles = feats[0], feats[1:]

@@ -57,9 +57,7 @@ def pretrain_tower(vision, image_processor, examples: list[Example], image: int,
         chunk = rng.sample(examples, batch_size)
         pixels = image_processor([render(ex.items, image) for ex in chunk], return_tensors="pt").pixel_values
         labels = torch.stack([patch_labels(ex, cells) for ex in chunk]).flatten(0, 1)  # (B * tiles, patches, 2)
-        hidden = tower(pixels.flatten(0, 1), output_hidden_states=True).hidden_states
-        hidden = hidden[vision.spec["vision_feature_layer"]][:, 1:]  # the features the projector sees
-        logits = head(hidden).split(list(HEADS.values()), dim=-1)
+        logits = head(vision.tower_features(pixels.flatten(0, 1))).split(list(HEADS.values()), dim=-1)
         loss = sum(F.cross_entropy(lg.flatten(0, 1), labels[..., i].flatten()) for i, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -86,17 +86,19 @@ def main() -> int:
     probe = engine.prepare(PROMPT.format(question=test[0].question), render(test[0].items, IMAGE), SamplingParams())
     n_image, n_text = probe.n_image, probe.input_ids.numel() - probe.n_image
     rows = []
+
+    def measure(name: str, family: str, eng: Engine, schedule: PyramidSchedule) -> None:
+        acc = accuracy(eng, test, schedule)
+        rows.append({"name": name, "family": family, "accuracy": acc.pop("all"), "by_kind": acc,
+                     **flops_of(cfg, schedule, n_image, n_text)})
+        log(f"{name:60s} {100 * rows[-1]['accuracy']:5.1f}%")
+
     for v in variants(cfg.n_layers, n_image, cfg):
-        acc = accuracy(engine, test, v.schedule)
-        fl = flops_of(cfg, v.schedule, n_image, n_text)
-        rows.append({"name": v.name, "family": v.family, "accuracy": acc.pop("all"), "by_kind": acc, **fl})
-        log(f"{v.name:60s} {100 * rows[-1]['accuracy']:5.1f}%")
+        measure(v.name, v.family, engine, v.schedule)
     trained = build(args.out / "pdrop-ckpt", args.out / "pdrop-engine", runs["pdrop"]["layers"])
     for drop in (0.0, 0.5):
-        sched = PyramidSchedule.create(cfg.n_layers, drop, runs["pdrop"]["layers"])
-        acc = accuracy(trained, test, sched)
-        rows.append({"name": f"trained with PyramidDrop, served at drop {drop}", "family": "pdrop-trained",
-                     "accuracy": acc.pop("all"), "by_kind": acc, **flops_of(cfg, sched, n_image, n_text)})
+        measure(f"trained with PyramidDrop, served at drop {drop}", "pdrop-trained", trained,
+                PyramidSchedule.create(cfg.n_layers, drop, runs["pdrop"]["layers"]))
     base_flops = rows[0]["paper"]
     for r in rows:
         r["flops_rel"] = r["paper"] / base_flops
