@@ -1,13 +1,27 @@
-"""pdrop: a LLaVA-NeXT engine builder and runtime with PyramidDrop (arXiv 2410.17247) inside the model."""
-__version__ = "0.1.0"
+"""pdrop: a LLaVA-NeXT engine builder and runtime with PyramidDrop (arXiv 2410.17247) inside the model.
 
-__all__ = ["Engine", "Result", "__version__"]
+The public API, for users and for the Triton model (triton_repo/): load an engine and generate,
+prepare requests, the errors, and the Triton request/response protocol.
+
+    from builder import Engine
+    engine = Engine.load("engines/demo", device="cpu")
+"""
+from importlib import import_module
+
+from .format import __version__
+from .format.errors import CheckpointError, ConfigError, EngineError, ExportError, InputError, PdropError
+
+# Loaded on first use, so `python -m builder --help`, a bad flag or a gRPC client answer before
+# torch and transformers load.
+_LAZY = {"Engine": "runtime.engine", "Request": "runtime.engine", "Result": "runtime.engine",
+         "Delta": "runtime.engine", "SamplingParams": "runtime.sampling", "PyramidSchedule": "format.config",
+         "parse_request": "serve.protocol", "response_tensors": "serve.protocol", "check_budget": "serve.protocol"}
+
+__all__ = ["CheckpointError", "ConfigError", "EngineError", "ExportError", "InputError", "PdropError",
+           "__version__", *_LAZY]
 
 
 def __getattr__(name: str):
-    # Lazy, so `python -m builder --help` or a bad flag answers before torch and transformers load.
-    if name in ("Engine", "Result"):
-        from . import engine
-
-        return getattr(engine, name)
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'builder' has no attribute {name!r}")

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import EXPORTS
-from .errors import ConfigError, PdropError
+from .format.config import EXPORTS
+from .format.errors import ConfigError, PdropError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,12 +35,12 @@ def _flops(x: float) -> str:
 
 
 def cmd_build(args) -> int:
-    from .checkpoint import open_checkpoint
-    from .config import Limits, PyramidSchedule
-    from .convert import build_engine
-    from .flops import report
-    from .presets import PRESETS, preset_checkpoint
-    from .vision import largest_image_tokens
+    from .convert.build import build_engine
+    from .convert.checkpoint import open_checkpoint
+    from .convert.presets import PRESETS, preset_checkpoint
+    from .format.config import Limits, PyramidSchedule
+    from .runtime.flops import report
+    from .runtime.vision import largest_image_tokens
 
     layers = _layers(args.layers) if args.layers is not None else None
     model = args.model
@@ -70,7 +70,7 @@ def cmd_build(args) -> int:
               f"({100 * (1 - f['ratio']):.1f}% less)")
     print(f"  limits       batch {limits.max_batch_size}, input {limits.max_input_len}, seq {limits.max_seq_len}")
     plug = manifest.plugins
-    print(f"  kernels      {plug['library']} (sm_{', sm_'.join(plug['archs'])})" if plug["library"]
+    print(f"  kernels      {plug['library']} (sm_{', sm_'.join(plug['archs'])}; PTX {plug['ptx']})" if plug["library"]
           else f"  kernels      none ({plug['reason']}): the drop runs on torch ops")
     if "onnx" in manifest.exports:
         onnx = manifest.exports["onnx"]
@@ -80,7 +80,7 @@ def cmd_build(args) -> int:
         ckpt_export = manifest.exports["trtllm-checkpoint"]
         print(f"  export       {ckpt_export['path']}/ (TensorRT-LLM checkpoint, {ckpt_export['architecture']})")
     if args.backend == "tensorrt-llm":
-        from .trtllm_build import build_llm_engine
+        from .export.trtllm_build import build_llm_engine
 
         sys.stdout.flush()  # the summary above stays before trtllm-build's log or the error line
         print(f"  tensorrt-llm {build_llm_engine(output, manifest)}")
@@ -88,8 +88,8 @@ def cmd_build(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .engine import Engine
-    from .images import load_image
+    from .runtime.engine import Engine
+    from .runtime.images import load_image
 
     if args.keep_map and not args.image:  # before loading and generating, not after
         raise ConfigError("--keep-map needs an --image")
@@ -104,7 +104,7 @@ def cmd_run(args) -> int:
             print(delta.text, end="", flush=True)
         result = delta.result or result
     if args.keep_map:
-        from .keep_map import draw_keep_map
+        from .runtime.keep_map import draw_keep_map
 
         draw_keep_map(image, result.layout, result.image_tokens, result.stages, args.keep_map)
     if args.json:
@@ -120,7 +120,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_package(args) -> int:
-    from .package import package_repo
+    from .serve.package import package_repo
 
     model = package_repo(args.engine, args.output, args.model_name, args.instances, args.max_batch_size,
                          args.copy_engine, args.device, args.max_queue_delay_us, args.force)
@@ -134,7 +134,7 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
-    from .triton_server import TritonServer
+    from .serve.launcher import TritonServer
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -171,7 +171,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     b.add_argument("--plugins", default="auto",
                    help="compile the drop's CUDA kernels into the engine: auto (when nvcc is found), on, off")
-    b.add_argument("--cuda-archs", help="GPU architectures for the kernels, e.g. 80,90 (default 80,86,89,90)")
+    b.add_argument("--cuda-archs", help="GPU architectures for the kernels, any this nvcc lists (nvcc --list-gpu-arch), "
+                                        "e.g. 80,90,100,120 (default 80,86,89,90); PTX of the newest is embedded too")
     b.add_argument("--export", action="append", default=[], choices=EXPORTS,
                    help="also write a TensorRT deployment artifact into the engine (repeatable): onnx = the vision "
                         "tower + projector as vision/model.onnx, checked with onnxruntime; trtllm-checkpoint = "

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from builder.config import Limits, PyramidSchedule
-from builder.convert import DTYPES, build_engine
-from builder.engine import Engine
-from builder.flops import full_flops
-from builder.presets import preset_checkpoint, write_hf_checkpoint
-from builder.sampling import SamplingParams
+from builder.convert.build import build_engine
+from builder.convert.presets import preset_checkpoint, write_hf_checkpoint
+from builder.format.config import Limits, PyramidSchedule
+from builder.runtime.engine import Engine
+from builder.runtime.flops import full_flops
+from builder.runtime.sampling import SamplingParams
 
 QUESTION = "What is shown in this image? Answer in one short sentence, please, and be precise."
 HBM_GBS = {"H100": 3350, "H200": 4800, "A100": 2039, "L40S": 864, "L4": 300}  # SXM peak GB/s
@@ -118,7 +118,7 @@ def main() -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device if args.device != "auto" else "cpu")
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = DTYPES[dtype_name]
+    dtype = getattr(torch, dtype_name)
     w, h = (int(x) for x in args.image_size.split("x"))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
     batches = [int(b) for b in args.batch.split(",")]

@@ -1,7 +1,7 @@
 """gRPC streaming benchmark of a served engine: drop ratio 0 against the built ratio, one server.
 
     python scripts/bench_grpc.py --repo models                     # starts tritonserver itself
-    python scripts/bench_grpc.py --url 127.0.0.1:8001 --built-ratio 0.5
+    python scripts/bench_grpc.py --url 127.0.0.1:8001               # a running server
 
 For each drop ratio and each concurrency level, `--requests` streamed requests (prompt + image
 sets, after a warm-up) are sent by that many client threads; reported: TTFT p50/p90/p99,
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from builder.grpc_client import infer, request_inputs
+from builder.client.grpc import infer, request_inputs, served_drop_ratio
 
 PROMPTS = ["USER: <image>\nWhat is in this picture? ASSISTANT:",
            "USER: <image>\nDescribe the colours you see. ASSISTANT:",
@@ -121,23 +121,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def built_ratio(repo: Path, model: str) -> float:
-    import re
-
-    from builder.engine_format import read_manifest
-
-    config = (repo / model / "config.pbtxt").read_text()
-    engine = re.search(r'key: "engine_dir" value: \{ string_value: "([^"]+)" \}', config).group(1)
-    return read_manifest(engine, verify=False).pyramid.drop_ratio
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--repo", type=Path, help="model repository: start tritonserver on it (127.0.0.1, free ports)")
     where.add_argument("--url", help="a running server's gRPC address, host:port")
     p.add_argument("--model", default="pdrop")
-    p.add_argument("--built-ratio", type=float, help="the drop ratio to compare with 0 (default: the engine's)")
+    p.add_argument("--built-ratio", type=float, help="the drop ratio to compare with 0 (default: the served engine's)")
     p.add_argument("--concurrency", default="1,2,4,8")
     p.add_argument("--requests", type=int, default=16, help="per concurrency level and ratio")
     p.add_argument("--warmup", type=int, default=2)
@@ -151,12 +141,18 @@ def main() -> int:
 
     server = None
     if args.repo:
-        from builder.triton_server import TritonServer
+        from builder.serve.launcher import TritonServer
 
         server = TritonServer(args.repo).start()
     url = server.grpc_url if server else args.url
     try:
-        ratio = args.built_ratio if args.built_ratio is not None else built_ratio(args.repo, args.model)
+        if args.built_ratio is not None:
+            ratio = args.built_ratio
+        else:
+            import tritonclient.grpc as grpcclient
+
+            with grpcclient.InferenceServerClient(url) as client:
+                ratio = served_drop_ratio(client, args.model)
         ratios = [0.0, ratio]
         work = workload(args.images, args.image_size)
         deadline = time.monotonic() + args.deadline_s

@@ -13,13 +13,13 @@ import sys
 
 import torch
 
-from builder import pyramid
-from builder.config import LLMConfig
-from builder.kernels import Kernels
-from builder.kv_cache import LayerKV
-from builder.model import TransformerBlock
-from builder.plugin_build import compile_plugins
-from builder.rope import Rope
+from builder.convert.plugins import compile_plugins
+from builder.format.config import LLMConfig
+from builder.runtime import pyramid
+from builder.runtime.kernels import Kernels
+from builder.runtime.kv_cache import LayerKV
+from builder.runtime.model import TransformerBlock
+from builder.runtime.rope import Rope
 
 
 def cuda_ms(fn, repeats: int) -> float:

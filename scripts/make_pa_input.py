@@ -9,7 +9,7 @@ import json
 
 from bench_grpc import workload
 
-from builder.grpc_client import data_url
+from builder.client.grpc import data_url
 
 
 def main() -> None:

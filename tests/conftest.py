@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from builder.config import EXPORTS, Limits, PyramidSchedule
-from builder.convert import build_engine
-from builder.engine import Engine
-from builder.presets import preset_checkpoint, write_hf_checkpoint
-from builder.pyramid import ImageSpan
+from builder.convert.build import build_engine
+from builder.convert.presets import preset_checkpoint, write_hf_checkpoint
+from builder.format.config import EXPORTS, Limits, PyramidSchedule
+from builder.runtime.engine import Engine
+from builder.runtime.pyramid import ImageSpan
 
 DEMO_LAYERS = [2, 4, 6]
 

@@ -3,11 +3,19 @@
 It recomputes the whole sequence from scratch (no KV cache), from the checkpoint's own unfused
 tensors, with hand-written attention: at each boundary it scores the image span by the attention
 of the last PROMPT token (causal, so tokens generated after it change nothing), keeps the top
-floor(N * keep**(s+1)) (ties to the lower index) in original order, compacts, renumbers positions.
+authors_count(N, keep, s) (ties to the lower index) in original order, compacts, renumbers positions.
 """
 from __future__ import annotations
 
+from decimal import Decimal
+
 import torch
+
+
+def authors_count(n_image: int, keep: float, stage: int) -> int:
+    """Image tokens kept after boundary `stage` as the authors' code counts them: int(N * ratio), the
+    ratio keep**(stage+1) written out as a decimal literal in their scripts (0.5, 0.25, 0.125)."""
+    return int(n_image * float(Decimal(repr(keep)) ** (stage + 1)))
 
 
 class Reference:
@@ -65,7 +73,7 @@ class Reference:
         for i in range(self.n_layers):
             if n_image and keep < 1.0 and i in layers:
                 n_alive = alive.numel()
-                count = int(n_image * keep ** (layers.index(i) + 1))
+                count = authors_count(n_image, keep, layers.index(i))
                 if method == "random":
                     g = torch.Generator().manual_seed(seed * 1000 + i)
                     chosen = torch.randperm(n_alive, generator=g)[:count].sort().values

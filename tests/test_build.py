@@ -5,16 +5,16 @@ import json
 
 import pytest
 import torch
+from conftest import DEMO_LAYERS, make_image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from builder.checkpoint import open_checkpoint
-from builder.config import Limits, PyramidSchedule
-from builder.convert import build_engine
-from builder.engine import Engine
-from builder.engine_format import FORMAT_VERSION, read_manifest, sha256_file
-from builder.errors import CheckpointError, EngineError
-from conftest import DEMO_LAYERS, make_image
+from builder.convert.build import build_engine
+from builder.convert.checkpoint import open_checkpoint
+from builder.format.config import Limits, PyramidSchedule
+from builder.format.errors import CheckpointError, EngineError
+from builder.format.manifest import FORMAT_VERSION, read_manifest, sha256_file
+from builder.runtime.engine import Engine
 
 LIMITS = Limits(4, 1536, 2048)
 

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from builder.cli import main
-from builder.engine import Engine
-from builder.keep_map import draw_keep_map
+from builder.runtime.engine import Engine
+from builder.runtime.keep_map import draw_keep_map
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUESTION = "What is in the image?"

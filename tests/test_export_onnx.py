@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from builder import export_onnx
 from builder.cli import main
-from builder.engine import Engine
-from builder.engine_format import read_manifest
+from builder.export import vision_onnx
+from builder.format.manifest import read_manifest
+from builder.runtime.engine import Engine
 
 TILE = 112  # the demo preset's CLIP tile
 POLYGRAPHY = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or shutil.which("polygraphy")
@@ -94,7 +94,7 @@ def test_missing_export_packages_are_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_a_failed_check_fails_the_build_and_leaves_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(export_onnx, "TOLERANCE", -1.0)  # no difference passes
+    monkeypatch.setattr(vision_onnx, "TOLERANCE", -1.0)  # no difference passes
     assert main(["build", "--export", "onnx", "--output", str(tmp_path / "e"), "--quiet",
                  "--plugins", "off"]) == 1
     err = capsys.readouterr().err.splitlines()

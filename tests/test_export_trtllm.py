@@ -17,17 +17,17 @@ import types
 
 import pytest
 import torch
+from conftest import DEMO_LAYERS, make_image, prefill
 from safetensors import safe_open
 
-from builder.config import PyramidSchedule
-from builder.engine import Engine
-from builder.engine_format import read_manifest
-from builder.errors import ExportError
-from builder.export_trtllm import checkpoint_config, read_checkpoint
-from builder.presets import preset_checkpoint
-from builder.sampling import SamplingParams
-from builder.trtllm_build import build_llm_engine, trtllm_build_command
-from conftest import DEMO_LAYERS, make_image, prefill
+from builder.convert.presets import preset_checkpoint
+from builder.export.trtllm_build import build_llm_engine, trtllm_build_command
+from builder.export.trtllm_checkpoint import checkpoint_config, read_checkpoint
+from builder.format.config import PyramidSchedule
+from builder.format.errors import ExportError
+from builder.format.manifest import read_manifest
+from builder.runtime.engine import Engine
+from builder.runtime.sampling import SamplingParams
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
 

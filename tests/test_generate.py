@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from builder.errors import InputError
-from builder.sampling import filter_logits
+from builder.format.errors import InputError
+from builder.runtime.sampling import filter_logits
 
 PROMPT = "USER: <image>\nWhat is here? ASSISTANT:"
 
@@ -99,7 +99,7 @@ def test_bad_requests_are_refused(engine, images):
 
 
 def test_end_id_min_tokens_and_bad_words(engine, images):
-    from builder.sampling import SamplingParams
+    from builder.runtime.sampling import SamplingParams
 
     base = engine.generate([PROMPT], [images[0]], max_new_tokens=8)[0].token_ids
 

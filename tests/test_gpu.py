@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from builder.engine import Engine
-from builder.sampling import SamplingParams
 from conftest import DEMO_LAYERS, prefill
 from reference import Reference
+
+from builder.runtime.engine import Engine
+from builder.runtime.sampling import SamplingParams
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from builder import pyramid
-from builder.engine import Engine
-from builder.kernels import Kernels
-from builder.plugin_build import compile_plugins, find_nvcc
+from builder.convert.plugins import compile_plugins, find_nvcc
+from builder.runtime import pyramid
+from builder.runtime.engine import Engine
+from builder.runtime.kernels import Kernels
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
@@ -38,13 +38,13 @@ def test_kernels_equal_the_torch_reference(kernels, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     q, k, seqs = ragged_batch(gen, 1 + seed * 2 + (dtype == torch.float32), dtype)
     lens, starts, ns = [s[2] for s in seqs], [s[0] for s in seqs], [s[1] for s in seqs]
-    keep_fracs = [0.0, 1.0, 0.5, 0.25, 0.125, 0.9, 0.01, 0.75, 0.3]
-    keeps = [int(n * keep_fracs[i % len(keep_fracs)]) for i, n in enumerate(ns)]
+    keep_ratios = [0.0, 1.0, 0.5, 0.25, 0.125, 0.9, 0.01, 0.75, 0.3]
+    n_keeps = [int(n * keep_ratios[i % len(keep_ratios)]) for i, n in enumerate(ns)]
 
     scores = kernels.score(q, k, lens, starts, ns)
-    kept = kernels.select(scores, ns, keeps)
+    kept = kernels.select(scores, ns, n_keeps)
     hidden = torch.randn(sum(lens), 4096, generator=gen).to("cuda", dtype)
-    out = kernels.compact(hidden, lens, starts, ns, kept, keeps)
+    out = kernels.compact(hidden, lens, starts, ns, kept, n_keeps)
     torch.cuda.synchronize()
 
     off = img_off = kept_off = out_off = 0
@@ -53,23 +53,23 @@ def test_kernels_equal_the_torch_reference(kernels, dtype, seed):
         mine = scores[img_off:img_off + n]
         torch.testing.assert_close(mine, ref_scores, rtol=1e-4, atol=1e-7)
         # selection is exact: the same indices as the reference rule on the same scores
-        ref_kept = pyramid.select(mine, keeps[b])
-        assert torch.equal(kept[kept_off:kept_off + keeps[b]].long(), ref_kept)
+        ref_kept = pyramid.select(mine, n_keeps[b])
+        assert torch.equal(kept[kept_off:kept_off + n_keeps[b]].long(), ref_kept)
         rows = torch.cat((torch.arange(start), ref_kept.cpu() + start, torch.arange(start + n, length))).cuda()
-        new_len = length - n + keeps[b]
+        new_len = length - n + n_keeps[b]
         assert torch.equal(out[out_off:out_off + new_len], hidden[off:off + length][rows])  # bitwise
-        off, img_off, kept_off, out_off = off + length, img_off + n, kept_off + keeps[b], out_off + new_len
+        off, img_off, kept_off, out_off = off + length, img_off + n, kept_off + n_keeps[b], out_off + new_len
 
 
 def test_select_ties_go_to_the_lower_index(kernels):
     scores = torch.tensor([0.1, 0.5, 0.5, 0.2, 0.5, 0.0, 0.5], device="cuda")
-    for keep in range(8):
-        assert kernels.select(scores, [7], [keep]).tolist() == pyramid.select(scores, keep).tolist()
+    for n_keep in range(8):
+        assert kernels.select(scores, [7], [n_keep]).tolist() == pyramid.select(scores, n_keep).tolist()
 
 
 def test_engine_greedy_with_kernels_equals_torch_ops(engine_dir, demo_ckpt, images, tmp_path):
-    from builder.config import Limits, PyramidSchedule
-    from builder.convert import build_engine
+    from builder.convert.build import build_engine
+    from builder.format.config import Limits, PyramidSchedule
 
     major, minor = torch.cuda.get_device_capability()
     build_engine(demo_ckpt, tmp_path / "e", PyramidSchedule.create(8, 0.5, [2, 4, 6]), Limits(4, 1536, 2048),

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import prefill
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-from builder.engine import Engine
-from builder.sampling import SamplingParams
-from conftest import prefill
+from builder.runtime.engine import Engine
+from builder.runtime.sampling import SamplingParams
 
 PROMPTS = ["<image>\nWhat is in the picture? ASSISTANT:",
            "USER: describe <image> briefly ASSISTANT:",

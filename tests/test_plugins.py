@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import ctypes
 import re
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
 
 import pytest
 
-from builder.engine import Engine
-from builder.kernels import ABI_VERSION, SIGNATURES, Kernels
-from builder.plugin_build import PLUGINS, compile_plugins, find_nvcc
+from builder.convert.plugins import PLUGINS, check_archs, compile_plugins, find_nvcc, nvcc_command
+from builder.format.errors import ConfigError
+from builder.runtime.engine import Engine
+from builder.runtime.kernels import ABI_VERSION, SIGNATURES, Kernels
 
 pytestmark = pytest.mark.skipif(find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")
 
@@ -61,6 +66,34 @@ def test_library_compiles_loads_and_answers_without_a_gpu(library):
     assert lib.pdrop_score(*([None] * 6), 1, 32, 5, 128, 100, 10, 0.1, 0, None, None, None) == 1  # 32 % 5 heads
 
 
+def cuobjdump() -> str:
+    """cuobjdump: the CUDA toolkit's, or the nvidia-cuda-cuobjdump wheel's (a test dependency)."""
+    found = shutil.which("cuobjdump") or next(iter(Path(sysconfig.get_paths()["purelib"]).glob("nvidia/*/bin/cuobjdump")),
+                                               None)
+    assert found, "cuobjdump not found: pip install nvidia-cuda-cuobjdump"
+    return str(found)
+
+
+def test_library_embeds_ptx_of_the_newest_arch(library):
+    """SASS for each listed arch, and PTX for the newest, which the driver compiles for newer GPUs."""
+    ptx = subprocess.run([cuobjdump(), "--list-ptx", str(library)], capture_output=True, text=True, check=True).stdout
+    elf = subprocess.run([cuobjdump(), "--list-elf", str(library)], capture_output=True, text=True, check=True).stdout
+    assert re.findall(r"sm_(\d+)", ptx) == ["90"], ptx
+    assert set(re.findall(r"sm_(\d+)", elf)) == {"80", "90"}, elf
+
+
+def test_archs_are_checked_against_the_installed_nvcc():
+    nvcc = find_nvcc()
+    listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    newer = [a for a in ("100", "120") if f"compute_{a}" in listed]
+    assert newer, f"nvcc lists no Blackwell arch: {listed}"
+    check_archs(nvcc, ["80", *newer])  # accepted
+    with pytest.raises(ConfigError, match="this nvcc compiles for"):
+        check_archs(nvcc, ["80", "999"])
+    command = " ".join(nvcc_command(nvcc, ["80", "100", "90"], Path("x")))
+    assert "arch=compute_100,code=compute_100" in command and "code=compute_90" not in command
+
+
 def test_library_is_cached_by_source_hash(library):
     assert compile_plugins(["80", "90"], cache=library.parent.parent, progress=False) == library
 
@@ -68,13 +101,14 @@ def test_library_is_cached_by_source_hash(library):
 def test_engine_ships_the_kernels_and_cpu_runs_torch_ops(demo_ckpt, tmp_path, images, monkeypatch):
     monkeypatch.delenv("TENSORRT_ROOT", raising=False)
     monkeypatch.delenv("TENSORRT_INCLUDE", raising=False)
-    from builder.config import Limits, PyramidSchedule
-    from builder.convert import build_engine
+    from builder.convert.build import build_engine
+    from builder.format.config import Limits, PyramidSchedule
 
     manifest, _ = build_engine(demo_ckpt, tmp_path / "e", PyramidSchedule.create(8, 0.5, [2, 4, 6]),
                                Limits(2, 1536, 2048), progress=False, plugins="on", cuda_archs=["80"])
     assert manifest.plugins == {"library": "libpdrop_plugins.so", "kernels": ["pdrop_score", "pdrop_select",
-                                "pdrop_compact"], "archs": ["80"], "abi_version": 1, "tensorrt_plugin": None}
+                                "pdrop_compact"], "archs": ["80"], "ptx": "compute_80", "abi_version": 1,
+                                "tensorrt_plugin": None}
     assert "libpdrop_plugins.so" in manifest.files
     engine = Engine.load(tmp_path / "e", device="cpu")
     assert engine.llm.kernels is None

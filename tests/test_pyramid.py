@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from builder.config import LLMConfig, PyramidSchedule
-from builder.flops import paper_flops
-from builder.pyramid import select
-from builder.sampling import SamplingParams
 from conftest import DEMO_LAYERS, prefill
-from reference import Reference
+from reference import Reference, authors_count
+
+from builder.format.config import LLMConfig, PyramidSchedule
+from builder.runtime.flops import paper_flops
+from builder.runtime.pyramid import select
+from builder.runtime.sampling import SamplingParams
 
 PROMPT = "USER: <image>\nWhich shape is red? ASSISTANT:"
 
@@ -38,7 +38,7 @@ def test_prefill_and_decode_match_reference(drop, case, engine, reference, image
     steps = 6
     req, embeds, tokens, logits, stages = fast_path(engine, PROMPT, images[case], drop, steps)
     keep = 1 - drop
-    assert [s.tokens_kept for s in stages] == [int(req.n_image * keep ** (s + 1)) for s in range(3)]
+    assert [s.tokens_kept for s in stages] == [authors_count(req.n_image, keep, s) for s in range(3)]
     seq = embeds
     for step in range(steps):
         ref_logits, ref_kept = reference.forward(seq, req.input_ids.numel(), req.image_start, req.n_image,
@@ -89,7 +89,7 @@ def test_batch_equals_one_at_a_time(engine, images):
 
 def test_batch_with_different_lengths_and_budgets(engine, images):
     """The longest prompt asks for the fewest tokens: it keeps stepping while the others finish."""
-    from builder.sampling import SamplingParams
+    from builder.runtime.sampling import SamplingParams
 
     prompts, imgs = [PROMPT, "USER: hi ASSISTANT:"], [images[2], None]
     params = [SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=9)]
@@ -120,6 +120,20 @@ def test_schedule_counts_follow_the_authors_floor_of_original_n():
     assert [s.kept_after(2340, k) for k in range(3)] == [1170, 585, 292]
     per_layer = s.tokens_per_layer(2880, 32)
     assert per_layer[:8] == [2880] * 8 and per_layer[8:16] == [1440] * 8 and per_layer[24:] == [360] * 8
+
+
+@pytest.mark.parametrize("n,drop,stage,count", [
+    (100, 0.3, 1, 49),  # 0.7**2 = 0.48999999999999994 in floating point: a float power gives 48
+    (100, 0.3, 2, 34), (1000, 0.3, 2, 343), (100, 0.4, 1, 36), (2928, 0.5, 2, 366), (576, 0.5, 2, 72),
+    (2340, 0.5, 2, 292), (2928, 0.25, 0, 2196), (2928, 0.75, 2, 45), (88, 0.5, 0, 44)])
+def test_keep_counts_equal_the_authors_literal_ratios(n, drop, stage, count):
+    assert PyramidSchedule.create(32, drop).kept_after(n, stage) == count
+
+
+@pytest.mark.parametrize("keep", [0.7, 0.6, 0.75, 0.3, 0.9, 0.55])
+def test_keep_counts_equal_the_authors_for_every_n(keep):
+    schedule = PyramidSchedule.create(32, round(1 - keep, 12))
+    assert all(schedule.kept_after(n, s) == authors_count(n, keep, s) for n in range(1, 3001) for s in range(4))
 
 
 def test_paper_flops_reproduce_the_published_numbers():

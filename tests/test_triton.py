@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-
-from builder.errors import EngineError
-from builder.grpc_client import infer, request_inputs, tensor
-from builder.package import package_repo
-from builder.triton_server import TritonServer, free_port
 from conftest import make_image
+
+from builder.client.grpc import infer, request_inputs, served_drop_ratio, tensor
+from builder.format.errors import EngineError
+from builder.serve.launcher import ServerError, TritonServer, free_port
+from builder.serve.package import package_repo
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
@@ -50,7 +50,23 @@ def test_package_writes_a_valid_repository(repo, engine_dir):
     config = (repo / "pdrop" / "config.pbtxt").read_text()
     assert 'name: "pdrop"' in config and "decoupled: true" in config and "max_batch_size: 8" in config
     assert f'string_value: "{engine_dir.resolve()}"' in config
+    assert 'key: "drop_ratio" value: { string_value: "0.5" }' in config
+    assert 'key: "drop_layers" value: { string_value: "2,4,6" }' in config
     assert (repo / "pdrop" / "1" / "model.py").is_file()
+
+
+def test_clients_read_the_engine_drop_ratio_from_the_server(server, client):
+    assert served_drop_ratio(client, "pdrop") == 0.5
+
+
+def test_a_repository_whose_drop_ratio_disagrees_with_its_engine_does_not_load(engine_dir, tmp_path):
+    repo = package_repo(engine_dir, tmp_path / "models").parent
+    config = repo / "pdrop" / "config.pbtxt"
+    config.write_text(config.read_text().replace('string_value: "0.5"', 'string_value: "0.9"'))
+    log = tmp_path / "triton.log"
+    with pytest.raises(ServerError, match="exited with code 1 while starting"):
+        TritonServer(repo, log_path=log).start(timeout=60)
+    assert "config.pbtxt says drop_ratio 0.9 but the engine was built with 0.5" in log.read_text()
 
 
 @pytest.mark.parametrize("stream", [True, False])

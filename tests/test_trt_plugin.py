@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from builder.plugin_build import TRT_PLUGIN, compile_plugins, find_nvcc, find_tensorrt_include
+from builder.convert.plugins import TRT_PLUGIN, compile_plugins, find_nvcc, find_tensorrt_include
 
 pytestmark = pytest.mark.tensorrt
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PyramidSchedule
-from ..engine import Engine
-from ..flops import full_flops, paper_flops
-from ..sampling import SamplingParams
+from ..format.config import PyramidSchedule
+from ..runtime.engine import Engine
+from ..runtime.flops import full_flops, paper_flops
+from ..runtime.sampling import SamplingParams
 from .task import Example, kind, render
 from .train import IMAGE, PROMPT
 

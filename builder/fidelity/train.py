@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import LLMConfig, PyramidSchedule
-from ..convert import vision_spec
-from ..export_hf import save_hf_checkpoint
-from ..model import Transformer
-from ..vision import VisionEncoder
+from ..convert.build import vision_spec
+from ..export.hf_checkpoint import save_hf_checkpoint
+from ..format.config import LLMConfig, PyramidSchedule
+from ..runtime import pyramid
+from ..runtime.model import Transformer
+from ..runtime.vision import VisionEncoder, merge
 from .pretrain import pretrain_tower
 from .task import COLOURS, NUMBERS, PREFIXES, SHAPES, Example, dataset, render
 
@@ -107,10 +108,37 @@ class Model(torch.nn.Module):
         packed = torch.stack([self.vision.pack(f, (IMAGE, IMAGE))[0] for f in feats])  # (B, N, dim)
         where = (ids[0] == self.hf_config.image_token_id).nonzero()[:, 0]
         start, n = int(where[0]), where.numel()
-        embeds = self.llm.tok_embeddings(ids)
-        embeds = torch.cat((embeds[:, :start], packed, embeds[:, start + n:]), dim=1)
-        h = self.llm.forward_train(embeds, start, n, schedule, AFTER_QUERY)
+        embeds = merge(self.llm.tok_embeddings(ids), start, packed)
+        h = forward_train(self.llm, embeds, start, n, schedule, AFTER_QUERY)
         return self.llm.output(h[:, -AFTER_QUERY - 1:-1])
+
+
+def forward_train(llm: Transformer, embeds: torch.Tensor, image_start: int, n_image: int, schedule: PyramidSchedule,
+                  after: int) -> torch.Tensor:
+    """The decoder without a cache over a batch of same-layout sequences (B, L, dim), with the drop
+    as the authors train: the query is the last instruction token, `after` tokens before the end.
+    Returns the final-normed hidden states of the surviving tokens."""
+    h = embeds
+    for i, layer in enumerate(llm.layers):
+        rope = llm.rope(torch.arange(h.shape[1], device=h.device), h.dtype)
+        if n_image and schedule.active and i in schedule.layers:
+            alive = h.shape[1] - (embeds.shape[1] - n_image)
+            n_keep = schedule.kept_after(n_image, schedule.layers.index(i))
+            h = drop_batch(layer, rope, h, image_start, alive, n_keep, after)
+            rope = llm.rope(torch.arange(h.shape[1], device=h.device), h.dtype)  # renumbered
+        h = layer(h, rope, None)
+    return llm.norm(h)
+
+
+def drop_batch(layer, rope, h: torch.Tensor, start: int, n: int, n_keep: int, after: int) -> torch.Tensor:
+    """pyramid.rank on each sequence of h (B, L, dim) cut just after its query, which has `after`
+    tokens (the answer) behind it; h compacted. No gradient flows through the ranking."""
+    length = h.shape[1]
+    query_rope = tuple(t[..., :length - after, :] for t in rope)
+    with torch.no_grad():
+        rows = [pyramid.keep_rows(length, start, n, pyramid.rank(layer, query_rope, h[b:b + 1, :length - after],
+                                                                 start, n, n_keep)) for b in range(h.shape[0])]
+    return torch.stack([h[b, r] for b, r in enumerate(rows)])
 
 
 def encode(processor, examples: list[Example], with_answer: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from builder.checkpoint import open_checkpoint
-from builder.config import Limits, PyramidSchedule
-from builder.convert import build_engine
-from builder.engine import Engine
+from builder.convert.build import build_engine
+from builder.convert.checkpoint import open_checkpoint
 from builder.fidelity.evaluate import accuracy, flops_of, variants
 from builder.fidelity.task import dataset, render
 from builder.fidelity.train import IMAGE, PROMPT, TrainConfig, train
-from builder.sampling import SamplingParams
+from builder.format.config import Limits, PyramidSchedule
+from builder.runtime.engine import Engine
+from builder.runtime.sampling import SamplingParams
 
 
 def build(ckpt_dir: Path, out: Path, layers: list[int]) -> Engine:

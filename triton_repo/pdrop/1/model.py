@@ -9,9 +9,7 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from builder.engine import Engine
-from builder.errors import PdropError
-from builder.serving import check_budget, parse_request, response_tensors
+from builder import Engine, EngineError, PdropError, check_budget, parse_request, response_tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -25,7 +23,7 @@ class _Live:
         self.tokens, self.first_ns, self.done = 0, 0, False
 
     def send(self, text, ids, stages, finish, arrival, final):
-        outputs = response_tensors(text, ids, self.tokens, self.request.input_ids.numel(), self.request.n_image,
+        outputs = response_tensors(text, ids, self.tokens, self.request.prompt_tokens, self.request.image_tokens,
                                    stages, finish, self.batch, (arrival, self.first_ns, time.time_ns()))
         response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
         self.sender.send(response, flags=FINAL if final else 0)
@@ -47,6 +45,11 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.engine = Engine.load(params["engine_dir"], device=params.get("device", "auto"))
         self.max_seq_len = self.engine.manifest.limits.max_seq_len
+        built = self.engine.manifest.pyramid.drop_ratio
+        declared = params.get("drop_ratio")
+        if declared is None or float(declared) != built:  # what clients read must be what runs
+            raise EngineError(f"config.pbtxt says drop_ratio {declared} but the engine was built with {built}: "
+                              "run `python -m builder package` again")
 
     def execute(self, requests):
         arrival, t0 = time.time_ns(), time.perf_counter()
@@ -56,7 +59,7 @@ class TritonPythonModel:
             try:
                 job = parse_request(lambda name: _input(request, name))
                 prepared = self.engine.prepare(job.prompt, job.image, job.params, job.drop_ratio)
-                check_budget(prepared.input_ids.numel(), job.params.max_new_tokens, self.max_seq_len)
+                check_budget(prepared.prompt_tokens, job.params.max_new_tokens, self.max_seq_len)
             except PdropError as e:
                 _fail(sender, str(e))
                 continue

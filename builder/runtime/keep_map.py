@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import InputError
+from ..format.errors import InputError
 
 PANEL_W = 256  # width of one panel; the image is fitted inside PANEL_W x MAX_VIEW_H
 MAX_VIEW_H = 384  # so that very tall images do not make a huge picture

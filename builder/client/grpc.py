@@ -10,10 +10,10 @@ import io
 import queue
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-
-from .images import load_image
+from PIL import Image
 
 # optional inputs and their numpy types (as the model's config.pbtxt declares them)
 OPTIONAL = {"temperature": np.float32, "top_p": np.float32, "top_k": np.int32, "end_id": np.int32,
@@ -22,9 +22,16 @@ OPTIONAL = {"temperature": np.float32, "top_p": np.float32, "top_k": np.int32, "
 
 
 def data_url(image) -> str:
-    """An image (path, bytes, PIL, array) as a data:image/png;base64 URL."""
+    """An image (a path, encoded bytes, a PIL image or an (H, W, 3) uint8 array) as a PNG data URL.
+    The server decodes and checks it."""
+    if isinstance(image, (str, Path)):
+        image = Path(image).read_bytes()
+    if isinstance(image, bytes):
+        image = Image.open(io.BytesIO(image))
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
     buf = io.BytesIO()
-    load_image(image).save(buf, format="PNG")
+    image.convert("RGB").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -56,6 +63,15 @@ def request_inputs(prompt: str, max_tokens: int, image=None, stream: bool = True
             raise ValueError(f"unknown input {name}")
         inputs.append(tensor(name, OPTIONAL[name](value)))
     return inputs
+
+
+def served_drop_ratio(client, model: str) -> float:
+    """The drop ratio of the engine behind `model`, from its config's parameters (set by package)."""
+    config = client.get_model_config(model, as_json=True)["config"]
+    try:
+        return float(config["parameters"]["drop_ratio"]["string_value"])
+    except KeyError:
+        raise ValueError(f"model '{model}' has no drop_ratio parameter: not packaged by pdrop") from None
 
 
 @dataclass

@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 from string import Template
 
-from .atomic import staging_dir
-from .engine_format import read_manifest
-from .errors import ConfigError, PdropError
+from ..format.atomic import staging_dir
+from ..format.errors import ConfigError, PdropError
+from ..format.manifest import read_manifest
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "triton_repo" / "pdrop"
+TEMPLATE = Path(__file__).resolve().parents[2] / "triton_repo" / "pdrop"
 
 
 def validate_config(text: str) -> None:
@@ -50,7 +50,8 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
         raise ConfigError(f"the engine path may not contain quotes or backslashes: {engine_ref}")
     text = Template((TEMPLATE / "config.pbtxt").read_text()).substitute(
         model_name=model_name, max_batch_size=batch, instances=instances, engine_dir=engine_ref, device=device,
-        max_queue_delay_microseconds=max_queue_delay_us)
+        max_queue_delay_microseconds=max_queue_delay_us, drop_ratio=manifest.pyramid.drop_ratio,
+        drop_layers=",".join(map(str, manifest.pyramid.layers)))
     validate_config(text)
     with staging_dir(output, force) as tmp:
         version = tmp / model_name / "1"

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import PdropError
+from ..format.errors import PdropError
 
 
 class ServerError(PdropError):

@@ -7,7 +7,7 @@ multiply-add, plus the LM head on the last token: what the hardware actually exe
 """
 from __future__ import annotations
 
-from .config import LLMConfig, PyramidSchedule
+from ..format.config import LLMConfig, PyramidSchedule
 
 
 def paper_flops(cfg: LLMConfig, schedule: PyramidSchedule | None, n_image: int) -> float:

@@ -12,13 +12,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .atomic import staging_dir
+from ..format.atomic import staging_dir
+from ..format.config import DTYPES, EXPORTS, Limits, PyramidSchedule
+from ..format.errors import ConfigError, PdropError
+from ..format.manifest import LLM_WEIGHTS, MANIFEST, VISION_WEIGHTS, Manifest, checksum_dir
 from .checkpoint import Checkpoint
-from .config import EXPORTS, Limits, PyramidSchedule
-from .engine_format import LLM_WEIGHTS, MANIFEST, VISION_WEIGHTS, Manifest, checksum_dir
-from .errors import ConfigError, PdropError
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def llm_weight_plan(n_layers: int, tied: bool) -> dict[str, list[str]]:
@@ -86,8 +84,17 @@ def _write_weights(ckpt: Checkpoint, plan: dict[str, list[str]], dtype: torch.dt
 def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tuple[list[Path], dict]:
     """The libraries to ship ('auto': when nvcc is there, 'on': required, 'off') and their record:
     the kernels, and the TensorRT plugin where TensorRT headers are found."""
-    from .plugin_build import (DEFAULT_ARCHS, KERNELS, LIBRARY, TRT_LIBRARY, TRT_PLUGIN, compile_plugins,
-                               find_nvcc, find_tensorrt_include)
+    from .plugins import (
+        DEFAULT_ARCHS,
+        KERNELS,
+        LIBRARY,
+        TRT_LIBRARY,
+        TRT_PLUGIN,
+        compile_plugins,
+        find_nvcc,
+        find_tensorrt_include,
+        ptx_arch,
+    )
 
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"--plugins must be auto, on or off, got '{mode}'")
@@ -96,7 +103,8 @@ def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tupl
         return [], {"library": None, "reason": reason}
     archs = archs or DEFAULT_ARCHS
     paths = [compile_plugins(archs, progress=progress)]
-    record = {"library": LIBRARY, "kernels": KERNELS, "archs": archs, "abi_version": 1, "tensorrt_plugin": None}
+    record = {"library": LIBRARY, "kernels": KERNELS, "archs": archs, "ptx": f"compute_{ptx_arch(archs)}",
+              "abi_version": 1, "tensorrt_plugin": None}
     tensorrt = find_tensorrt_include()
     if tensorrt:
         paths.append(compile_plugins(archs, progress=progress, tensorrt=tensorrt))
@@ -107,8 +115,8 @@ def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tupl
 def write_exports(engine_dir: Path, exports: Sequence[str], ckpt: Checkpoint, schedule: PyramidSchedule,
                   dtype: str) -> dict:
     """The asked-for exports (EXPORTS) of the engine being staged in `engine_dir`, read from its files."""
-    from .export_onnx import export_vision
-    from .export_trtllm import write_checkpoint
+    from ..export.trtllm_checkpoint import write_checkpoint
+    from ..export.vision_onnx import export_vision
 
     records = {}
     if "onnx" in exports:
@@ -131,7 +139,7 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
     if unknown:
         raise ConfigError(f"unknown export '{unknown[0]}': choose {', '.join(EXPORTS)}")
     if "onnx" in exports:
-        from .export_onnx import require_onnx
+        from ..export.vision_onnx import require_onnx
 
         require_onnx()  # before converting anything
     tied = "lm_head.weight" not in ckpt.names
@@ -143,8 +151,8 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
             shutil.copy(library, tmp / library.name)
         total = sum(len(s) for s in llm_plan.values()) + sum(len(s) for s in vision_plan.values())
         with tqdm(total=total, desc="converting", unit="tensor", disable=not progress) as bar:
-            params = _write_weights(ckpt, llm_plan, DTYPES[dtype], tmp / LLM_WEIGHTS, bar)
-            params += _write_weights(ckpt, vision_plan, DTYPES[dtype], tmp / VISION_WEIGHTS, bar)
+            params = _write_weights(ckpt, llm_plan, getattr(torch, dtype), tmp / LLM_WEIGHTS, bar)
+            params += _write_weights(ckpt, vision_plan, getattr(torch, dtype), tmp / VISION_WEIGHTS, bar)
         try:
             ckpt.processor.save_pretrained(tmp)
         except Exception as e:

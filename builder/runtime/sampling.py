@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InputError
+from ..format.errors import InputError
 
 
 @dataclass

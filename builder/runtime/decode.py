@@ -35,10 +35,10 @@ class _Bucket:
 
 
 class GraphDecoder:
-    """CUDA-graph decode over bucketed static caches (at most `keep` buckets held at once)."""
+    """CUDA-graph decode over bucketed static caches (at most `max_buckets` held at once)."""
 
-    def __init__(self, llm: Transformer, max_seq_len: int, bucket: int = 512, keep: int = 2):
-        self.llm, self.max_seq_len, self.bucket, self.keep = llm, max_seq_len, bucket, keep
+    def __init__(self, llm: Transformer, max_seq_len: int, bucket: int = 512, max_buckets: int = 2):
+        self.llm, self.max_seq_len, self.bucket, self.max_buckets = llm, max_seq_len, bucket, max_buckets
         self.buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
         self.captures = 0  # how many graphs were captured, for tests and logs
         self.current: _Bucket | None = None
@@ -47,7 +47,7 @@ class GraphDecoder:
         length = min(math.ceil(max_len / self.bucket) * self.bucket, self.max_seq_len)
         key = (batch, length)
         if key not in self.buckets:
-            while len(self.buckets) >= self.keep:
+            while len(self.buckets) >= self.max_buckets:
                 self.buckets.popitem(last=False)
             self.llm.setup_caches(batch, length)
             self.buckets[key] = _Bucket([layer.attention.kv_cache for layer in self.llm.layers])

@@ -24,6 +24,16 @@ class LayerKV(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def update(self, k: torch.Tensor, v: torch.Tensor, row: int | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store new keys and values; return what attention reads: the prompt's own k, v with no mask
+        (causal) for a prefill of `row`, or the whole cache and its mask for a decode step (row None)."""
+        if row is not None:
+            self.fill(row, k, v)
+            return k, v, None
+        mask = self.decode_mask()
+        return *self.append(k, v), mask
+
     def fill(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Prefill of one sequence: k, v are (1, n_kv, L, head_dim) and become the row's whole cache.
         The prefill sets the row's position offset itself."""
@@ -48,3 +58,10 @@ class LayerKV(nn.Module):
         """(B, 1, 1, max_len) boolean mask of the keys each row may attend to, the new token included."""
         keys = torch.arange(self.max_len, device=self.k.device)
         return (keys[None, :] <= self.lengths[:, None])[:, None, None, :]
+
+
+class NoCache:
+    """Attention over just the keys given, causal, nothing stored: training and cache-less passes."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, row: int | None) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return k, v, None

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..format.errors import CheckpointError
 from .checkpoint import Checkpoint, expected_shapes, validate_config
-from .errors import CheckpointError
 
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14)

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import expected_shapes
-from .convert import llm_weight_plan, vision_weight_plan
+from ..convert.build import llm_weight_plan, vision_weight_plan
+from ..convert.checkpoint import expected_shapes
 
 
 def hf_state(llm, vision, hf_config) -> dict[str, torch.Tensor]:

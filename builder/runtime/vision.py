@@ -29,6 +29,12 @@ def largest_image_tokens(spec: dict) -> int:
     return max(side * side + (h // tile * side) * (w // tile * side + 1) for h, w in spec["image_grid_pinpoints"])
 
 
+def merge(embeds: torch.Tensor, start: int, feats: torch.Tensor) -> torch.Tensor:
+    """Text embeddings (B, L, dim) whose image-token span [start, start + N) is replaced by the
+    packed image features (B, N, dim): LLaVA's one step from two modalities to one sequence."""
+    return torch.cat((embeds[:, :start], feats, embeds[:, start + feats.shape[1]:]), dim=1)
+
+
 class Projector(nn.Module):
     def __init__(self, vision_dim: int, text_dim: int, act: str, bias: bool):
         super().__init__()

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .engine_format import VISION_WEIGHTS
-from .errors import ExportError
-from .vision import VisionEncoder, max_tiles
+from ..format.errors import ExportError
+from ..format.manifest import VISION_WEIGHTS
+from ..runtime.vision import VisionEncoder, max_tiles
 
 VISION_DIR = "vision"
 OPSET = 17

@@ -8,8 +8,11 @@ from .errors import CheckpointError, ConfigError
 
 # Llama-family text models whose decoder is exactly ours (RMSNorm, RoPE, SwiGLU, no biases).
 SUPPORTED_TEXT_MODELS = ("llama", "mistral")
-# TensorRT deployment artifacts `build --export` writes beside the engine (export_onnx.py, export_trtllm.py).
+# TensorRT deployment artifacts `build --export` writes beside the engine (export/vision_onnx.py,
+# export/trtllm_checkpoint.py).
 EXPORTS = ("onnx", "trtllm-checkpoint")
+# Weight dtypes of an engine, by torch's names (torch.float32, ...).
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -78,7 +81,8 @@ class PyramidSchedule:
     """Stage boundaries and drop ratio. Stage s (0-based) ends before layer `layers[s]`.
 
     Keep counts are taken from the ORIGINAL image-token count N, as the authors' code does:
-    before boundary s the image span holds floor(N * keep**s) tokens, after it floor(N * keep**(s+1)).
+    after boundary s the image span holds int(N * stage_ratio(s)) tokens, stage_ratio(s) being
+    keep_ratio**(s+1) as the decimal the authors write out.
     """
     layers: list[int] = field(default_factory=list)
     drop_ratio: float = 0.5
@@ -90,16 +94,22 @@ class PyramidSchedule:
     seed: int = 0
 
     @property
-    def keep(self) -> float:
-        return 1.0 - self.drop_ratio
+    def keep_ratio(self) -> float:
+        """λ, the fraction of the image tokens each boundary keeps."""
+        return round(1.0 - self.drop_ratio, 12)
 
     @property
     def active(self) -> bool:
         return self.drop_ratio > 0 and bool(self.layers)
 
+    def stage_ratio(self, stage: int) -> float:
+        """λ^(stage+1) equal to the literal the authors pass (0.7 -> 0.7, 0.49, 0.343): a float power
+        is an ulp off (0.7**2 = 0.48999999999999994), and int(N * ratio) then loses a token."""
+        return round(self.keep_ratio ** (stage + 1), 12)
+
     def kept_after(self, n_image: int, stage: int) -> int:
         """Image tokens alive after boundary `stage` for a span of `n_image` original tokens."""
-        return int(n_image * self.keep ** (stage + 1))
+        return int(n_image * self.stage_ratio(stage))
 
     def tokens_per_layer(self, n_image: int, n_layers: int) -> list[int]:
         counts, alive = [], n_image

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..format.config import LLMConfig, PyramidSchedule
 from . import pyramid
-from .config import LLMConfig, PyramidSchedule
-from .kv_cache import LayerKV
+from .kv_cache import LayerKV, NoCache
 from .rope import Rope, apply_rope
 
 
@@ -35,7 +35,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.wqkv = nn.Linear(cfg.dim, cfg.q_size + 2 * cfg.kv_size, bias=False)
         self.wo = nn.Linear(cfg.q_size, cfg.dim, bias=False)
-        self.kv_cache: LayerKV | None = None
+        self.kv_cache: LayerKV | NoCache = NoCache()
 
     def split_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -47,16 +47,8 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = apply_rope(self.split_heads(q, cfg.n_heads), *rope)
         k = apply_rope(self.split_heads(k, cfg.n_kv_heads), *rope)
-        v = self.split_heads(v, cfg.n_kv_heads)
-        if self.kv_cache is None:  # no cache: a plain causal pass, as in training
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif row is not None:
-            self.kv_cache.fill(row, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            mask = self.kv_cache.decode_mask()
-            k_all, v_all = self.kv_cache.append(k, v)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+        k, v, mask = self.kv_cache.update(k, self.split_heads(v, cfg.n_kv_heads), row)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         b, _, t, _ = y.shape
         return self.wo(y.transpose(1, 2).reshape(b, t, cfg.q_size))
 
@@ -94,7 +86,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_seq_len)
-        self.kernels = None  # builder.kernels.Kernels on CUDA when the engine ships them
+        self.kernels = None  # runtime.kernels.Kernels on CUDA when the engine ships them
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         p = self.output.weight
@@ -114,8 +106,8 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             if span is not None and i in schedule.layers:
                 if schedule.active:
-                    keep = schedule.kept_after(span.n_original, schedule.layers.index(i))
-                    h, span, stats = pyramid.drop(layer, self.rope(pos, h.dtype), h, span, keep, i, self.kernels,
+                    n_keep = schedule.kept_after(span.n_original, schedule.layers.index(i))
+                    h, span, stats = pyramid.drop(layer, self.rope(pos, h.dtype), h, span, n_keep, i, self.kernels,
                                                   schedule.method, schedule.seed)
                     pos = pyramid.positions_after(span, n_prompt, schedule.positions)
                 else:
@@ -125,22 +117,6 @@ class Transformer(nn.Module):
             cache = layer.attention.kv_cache
             cache.offsets[row] = n_prompt - h.shape[1] if schedule.positions == "original" else 0
         return self.norm(h), stages
-
-    def forward_train(self, embeds: torch.Tensor, image_start: int, n_image: int, schedule: PyramidSchedule,
-                      after: int) -> torch.Tensor:
-        """Training pass without a cache over a batch of same-layout sequences (B, L, dim), with the
-        drop as the authors train: the query is the last instruction token, `after` tokens before
-        the end. Returns the final-normed hidden states of the surviving tokens."""
-        h = embeds
-        for i, layer in enumerate(self.layers):
-            if n_image and schedule.active and i in schedule.layers:
-                keep = schedule.kept_after(n_image, schedule.layers.index(i))
-                pos = torch.arange(h.shape[1], device=h.device)
-                alive = h.shape[1] - (embeds.shape[1] - n_image)
-                h = pyramid.drop_batch(layer, self.rope(pos, h.dtype), h, image_start, alive, keep, after)
-            pos = torch.arange(h.shape[1], device=h.device)
-            h = layer(h, self.rope(pos, h.dtype), None)
-        return self.norm(h)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One step for the whole batch: tokens (B,) -> logits (B, vocab)."""

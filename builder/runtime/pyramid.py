@@ -65,30 +65,24 @@ def attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=-1).mean(dim=0)
 
 
-def select(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the `keep` highest scores, ties to the lower index, in ascending order."""
+def select(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Indices of the `n_keep` highest scores, ties to the lower index, in ascending order."""
     order = torch.sort(scores, descending=True, stable=True).indices
-    return order[:keep].sort().values
+    return order[:n_keep].sort().values
+
+
+def rank(layer, rope: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor, start: int, n: int, n_keep: int
+         ) -> torch.Tensor:
+    """The rule: the `n_keep` image tokens of the span [start, start + n) of h (1, L, dim) that the
+    last token of h attends to most, as ascending indices into the span."""
+    q, k = query_and_keys(layer, rope, h)
+    return select(attention(q, k)[start:start + n], n_keep)
 
 
 def keep_rows(length: int, start: int, n: int, kept: torch.Tensor) -> torch.Tensor:
     """Row indices of a sequence of `length` after its image span [start, start + n) keeps `kept`."""
     seq = torch.arange(length, device=kept.device)
     return torch.cat((seq[:start], kept + start, seq[start + n:]))
-
-
-def drop_batch(layer, rope, h: torch.Tensor, start: int, n: int, keep: int, after: int) -> torch.Tensor:
-    """The same rule on a batch of same-layout sequences h (B, L, dim) whose query (the last
-    instruction token) has `after` tokens after it, as when training with the answer in the input.
-    No gradient flows through the ranking."""
-    length = h.shape[1]
-    query_rope = tuple(t[..., :length - after, :] for t in rope)
-    rows = []
-    with torch.no_grad():
-        for b in range(h.shape[0]):
-            q, k = query_and_keys(layer, query_rope, h[b:b + 1, :length - after])
-            rows.append(keep_rows(length, start, n, select(attention(q, k)[start:start + n], keep)))
-    return torch.stack([h[b, r] for b, r in enumerate(rows)])
 
 
 def positions_after(span: ImageSpan, n_prompt: int, mode: str) -> torch.Tensor:
@@ -102,26 +96,25 @@ def positions_after(span: ImageSpan, n_prompt: int, mode: str) -> torch.Tensor:
                       torch.arange(span.start + span.n_original, n_prompt, device=device)))
 
 
-def drop(layer, rope, h: torch.Tensor, span: ImageSpan, keep: int, layer_index: int, kernels=None,
+def drop(layer, rope, h: torch.Tensor, span: ImageSpan, n_keep: int, layer_index: int, kernels=None,
          method: str = "attention", seed: int = 0) -> tuple[torch.Tensor, ImageSpan, StageStats]:
-    """Score the alive image tokens of h (1, L, dim) and compact h to the `keep` best of them, with
-    the CUDA kernels when given (builder/kernels.py), else with torch ops. method "random" keeps a
+    """Rank the alive image tokens of h (1, L, dim) and compact h to the `n_keep` best of them, with
+    the CUDA kernels when given (runtime/kernels.py), else with torch ops. method "random" keeps a
     random subset instead (a baseline), seeded by (seed, layer)."""
     n, length = span.n_alive, h.shape[1]
-    keep = min(keep, n)
+    n_keep = min(n_keep, n)
     if method == "random":
         g = torch.Generator().manual_seed(seed * 1000 + layer_index)
-        kept = torch.randperm(n, generator=g)[:keep].sort().values.to(h.device)
+        kept = torch.randperm(n, generator=g)[:n_keep].sort().values.to(h.device)
         h = h[:, keep_rows(length, span.start, n, kept)]
-    else:  # the rule: rank by the last token's attention
+    elif kernels is None:
+        kept = rank(layer, rope, h, span.start, n, n_keep)
+        h = h[:, keep_rows(length, span.start, n, kept)]
+    else:
         q, k = query_and_keys(layer, rope, h)
-        if kernels is None:
-            kept = select(attention(q, k)[span.start:span.start + n], keep)
-            h = h[:, keep_rows(length, span.start, n, kept)]
-        else:
-            scores = kernels.score(q[None], k, [length], [span.start], [n])
-            kept32 = kernels.select(scores, [n], [keep])
-            h = kernels.compact(h[0], [length], [span.start], [n], kept32, [keep])[None]
-            kept = kept32.long()
+        scores = kernels.score(q[None], k, [length], [span.start], [n])
+        kept32 = kernels.select(scores, [n], [n_keep])
+        h = kernels.compact(h[0], [length], [span.start], [n], kept32, [n_keep])[None]
+        kept = kept32.long()
     new_span = ImageSpan(span.start, span.n_original, span.original[kept])
-    return h, new_span, StageStats(layer_index, n, keep, new_span.original.tolist())
+    return h, new_span, StageStats(layer_index, n, n_keep, new_span.original.tolist())

@@ -18,24 +18,24 @@ from typing import Iterator, Sequence
 import torch
 from safetensors.torch import load_file
 
+from ..format.config import DTYPES, PyramidSchedule
+from ..format.errors import EngineError, InputError
+from ..format.manifest import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
 from . import flops
-from .config import PyramidSchedule
-from .convert import DTYPES
 from .decode import EagerDecoder, GraphDecoder
-from .engine_format import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
-from .errors import EngineError, InputError
 from .images import load_image
 from .model import Transformer
 from .pyramid import ImageSpan, StageStats
 from .rope import Rope
 from .sampling import Sampler, SamplingParams
-from .vision import VisionEncoder
+from .vision import VisionEncoder, merge
 
 IMAGE = "<image>"
 
 
 @dataclass
 class Request:
+    """One prepared request (Engine.prepare): tokens, image tiles, sampling and drop schedule."""
     input_ids: torch.Tensor  # (L,) with the image span expanded to N image tokens
     params: SamplingParams
     schedule: PyramidSchedule
@@ -43,6 +43,15 @@ class Request:
     pixel_values: torch.Tensor | None = None  # (patches, 3, tile, tile)
     image_start: int = 0
     n_image: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt length, image tokens included."""
+        return self.input_ids.numel()
+
+    @property
+    def image_tokens(self) -> int:
+        return self.n_image
 
 
 @dataclass
@@ -158,7 +167,7 @@ class Engine:
         device = resolve_device(device)
         if (dtype or manifest.dtype) not in DTYPES:
             raise InputError(f"unsupported dtype '{dtype}': choose {', '.join(DTYPES)}")
-        torch_dtype = DTYPES[dtype or manifest.dtype]
+        torch_dtype = getattr(torch, dtype or manifest.dtype)
         cfg = manifest.llm
         with torch.device("meta"):
             llm = Transformer(cfg, manifest.limits.max_seq_len)
@@ -229,8 +238,7 @@ class Engine:
         if feats.shape[0] != req.n_image:
             raise InputError(f"the processor made {req.n_image} image tokens but the vision tower "
                              f"{feats.shape[0]}: processor and model configs disagree")
-        embeds[0, req.image_start:req.image_start + req.n_image] = feats
-        return embeds, layout
+        return merge(embeds, req.image_start, feats[None]), layout
 
     # ---- generation -----------------------------------------------------------------------
 

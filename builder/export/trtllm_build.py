@@ -11,12 +11,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .atomic import staging_dir
-from .engine_format import Manifest
-from .errors import ExportError
-from .export_onnx import VISION_DIR
-from .export_trtllm import CHECKPOINT_DIR
-from .vision import largest_image_tokens
+from ..format.atomic import staging_dir
+from ..format.errors import ExportError
+from ..format.manifest import Manifest
+from ..runtime.vision import largest_image_tokens
+from .trtllm_checkpoint import CHECKPOINT_DIR
+from .vision_onnx import VISION_DIR
 
 LLM_ENGINE_DIR = "llm"
 

@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from .config import LLMConfig
-from .errors import CheckpointError
+from ..format.config import LLMConfig
+from ..format.errors import CheckpointError
 
 # transformers 4.x wrote `language_model.model.*`, `language_model.lm_head.*` and
 # `vision_tower.vision_model.*`; 5.x writes `model.language_model.*`, `lm_head.*`, `model.vision_tower.*`.

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import PdropError
+from ..format.errors import ConfigError, PdropError
 
-PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 LIBRARY = "libpdrop_plugins.so"
 TRT_LIBRARY = "libpdrop_trt_plugin.so"
 TRT_PLUGIN = {"name": "PdropRankCompact", "version": "1", "namespace": "pdrop"}
@@ -36,9 +36,33 @@ def find_tensorrt_include() -> Path | None:
     return None
 
 
+def _arch_number(arch: str) -> tuple[int, str]:
+    """'90' -> (90, ''), '100a' -> (100, 'a'): for ordering architectures."""
+    digits = arch.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return int(digits), arch[len(digits):]
+
+
+def ptx_arch(archs: list[str]) -> str:
+    """The newest of `archs`: its PTX is embedded too, so that the driver can compile the kernels
+    for GPUs newer than any listed (SASS for sm_90 does not load on sm_100 or sm_120)."""
+    return max(archs, key=_arch_number)
+
+
+def check_archs(nvcc: str, archs: list[str]) -> None:
+    """Refuse, in one line, an architecture the installed nvcc cannot compile for."""
+    listed = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout.split()
+    known = [a.removeprefix("compute_") for a in listed]
+    unknown = [a for a in archs if a not in known]
+    if unknown or not archs:
+        raise ConfigError(f"--cuda-archs: this nvcc compiles for {', '.join(known)}; got {', '.join(archs) or 'none'}")
+
+
 def nvcc_command(nvcc: str, archs: list[str], out: Path, tensorrt: Path | None = None) -> list[str]:
-    """The kernels as a shared library; with TensorRT headers, the IPluginV3 wrapper linked in too."""
+    """The kernels as a shared library (SASS for each arch, PTX for the newest); with TensorRT
+    headers, the IPluginV3 wrapper linked in too."""
+    newest = ptx_arch(archs)
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
     sources = sorted((PLUGINS / "src").glob("*.cu"))
     extra = ["-isystem", str(tensorrt)] if tensorrt else []
     if tensorrt:
@@ -57,6 +81,7 @@ def compile_plugins(archs: list[str] | None = None, nvcc: str | None = None, cac
     if not (PLUGINS / "include" / "pdrop_plugins.h").is_file():
         raise PdropError(f"plugin sources not found at {PLUGINS}: building kernels needs a source checkout")
     archs = archs or DEFAULT_ARCHS
+    check_archs(nvcc, archs)
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256(" ".join(nvcc_command("nvcc", archs, Path("x"), tensorrt)).encode() + version.encode())
     for f in sorted(PLUGINS.rglob("*")):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EngineError
+from ..format.errors import EngineError
 
 ABI_VERSION = 1
 _p, _i32, _i64, _f32, _size = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_size_t
@@ -24,7 +24,7 @@ SIGNATURES = {
     "pdrop_select": (_i32, [_p, _p, _p, _p, _p, _i32, _p, _p]),
     "pdrop_compact": (_i32, [_p, _p, _p, _p, _p, _p, _p, _i32, _i64, _i64, _p, _p]),
 }
-DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ABI_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _offsets(lengths: list[int], device) -> torch.Tensor:
@@ -70,36 +70,36 @@ class Kernels:
                          dtype=torch.uint8, device=dev)
         self._check(self.lib.pdrop_score(
             q.data_ptr(), k.data_ptr(), seq_off.data_ptr(), start.data_ptr(), length.data_ptr(), img_off.data_ptr(),
-            batch, heads, kv, dim, max(seq_lens), total, dim ** -0.5, DTYPES[q.dtype], scores.data_ptr(),
+            batch, heads, kv, dim, max(seq_lens), total, dim ** -0.5, ABI_DTYPES[q.dtype], scores.data_ptr(),
             ws.data_ptr(), self._stream(q)), "pdrop_score")
         return scores
 
-    def select(self, scores: torch.Tensor, image_len: list[int], keep: list[int]) -> torch.Tensor:
-        """Packed ascending indices of each sequence's top keep[b] scores (ties to the lower index)."""
+    def select(self, scores: torch.Tensor, image_len: list[int], n_keep: list[int]) -> torch.Tensor:
+        """Packed ascending indices of each sequence's top n_keep[b] scores (ties to the lower index)."""
         dev = scores.device
-        keep = [min(k, n) for k, n in zip(keep, image_len)]
-        kept = torch.empty(sum(keep), dtype=torch.int32, device=dev)
+        n_keep = [min(k, n) for k, n in zip(n_keep, image_len)]
+        kept = torch.empty(sum(n_keep), dtype=torch.int32, device=dev)
         if not kept.numel():
             return kept
         # every argument tensor stays referenced until the launch: the allocator would reuse it
-        img_off, keep_off = _offsets(image_len, dev), _offsets(keep, dev)
+        img_off, keep_off = _offsets(image_len, dev), _offsets(n_keep, dev)
         length = torch.tensor(image_len, dtype=torch.int32, device=dev)
-        count = torch.tensor(keep, dtype=torch.int32, device=dev)
+        count = torch.tensor(n_keep, dtype=torch.int32, device=dev)
         self._check(self.lib.pdrop_select(
             scores.data_ptr(), img_off.data_ptr(), length.data_ptr(), count.data_ptr(), keep_off.data_ptr(),
             len(image_len), kept.data_ptr(), self._stream(scores)), "pdrop_select")
         return kept
 
     def compact(self, src: torch.Tensor, seq_lens: list[int], image_start: list[int], image_len: list[int],
-                kept: torch.Tensor, keep: list[int]) -> torch.Tensor:
+                kept: torch.Tensor, n_keep: list[int]) -> torch.Tensor:
         """Rows of the packed src (sum L, ...) with each sequence's dropped image rows removed."""
         dev = src.device
         src = src.contiguous()
-        keep = [min(k, n) for k, n in zip(keep, image_len)]
-        new_lens = [n_seq - n_img + k for n_seq, n_img, k in zip(seq_lens, image_len, keep)]
+        n_keep = [min(k, n) for k, n in zip(n_keep, image_len)]
+        new_lens = [n_seq - n_img + k for n_seq, n_img, k in zip(seq_lens, image_len, n_keep)]
         dst = torch.empty((sum(new_lens), *src.shape[1:]), dtype=src.dtype, device=dev)
         row_bytes = src[0].numel() * src.element_size() if src.shape[0] else 1
-        seq_off, keep_off, dst_off = _offsets(seq_lens, dev), _offsets(keep, dev), _offsets(new_lens, dev)
+        seq_off, keep_off, dst_off = _offsets(seq_lens, dev), _offsets(n_keep, dev), _offsets(new_lens, dev)
         start = torch.tensor(image_start, dtype=torch.int32, device=dev)
         length = torch.tensor(image_len, dtype=torch.int32, device=dev)
         if not kept.numel():  # every image row dropped: the kernel never reads `kept`, but nulls are refused

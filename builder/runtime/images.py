@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from ..format.errors import InputError
 
 
 def load_image(image) -> Image.Image:

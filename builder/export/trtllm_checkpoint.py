@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import LLMConfig, PyramidSchedule
-from .engine_format import LLM_WEIGHTS
-from .model import Transformer
+from ..format.config import LLMConfig, PyramidSchedule
+from ..format.manifest import LLM_WEIGHTS
+from ..runtime.model import Transformer
 
 CHECKPOINT_DIR = "trtllm-checkpoint"
 RANK0 = "rank0.safetensors"  # tp_size = pp_size = 1: one rank

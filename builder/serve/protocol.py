@@ -13,9 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError
-from .images import load_image
-from .sampling import SamplingParams
+from ..format.errors import InputError
+from ..runtime.images import load_image
+from ..runtime.sampling import SamplingParams
 
 Getter = Callable[[str], "np.ndarray | None"]
 

@@ -1,0 +1,1 @@
+"""Clients of a served engine over gRPC: no torch, no runtime."""

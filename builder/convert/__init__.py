@@ -1,0 +1,1 @@
+"""Checkpoint -> engine directory: reading checkpoints, presets, conversion, kernel compilation, atomic writes."""

@@ -1,0 +1,1 @@
+"""Triton Inference Server: the request/response protocol, model repositories, the tritonserver launcher."""
