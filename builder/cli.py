@@ -123,7 +123,9 @@ def cmd_package(args) -> int:
     from .serve.package import package_repo
 
     model = package_repo(args.engine, args.output, args.model_name, args.instances, args.max_batch_size,
-                         args.copy_engine, args.device, args.max_queue_delay_us, args.force)
+                         args.copy_engine, args.device, args.max_queue_delay_us, args.force, scheduler=args.scheduler,
+                         kv_cache_tokens=args.kv_cache_tokens, max_queued_requests=args.max_queued_requests,
+                         kv_cache_memory_fraction=args.kv_cache_memory_fraction)
     print(f"model repository written to {args.output} (model '{model.name}')")
     print(f"serve it:  python -m builder serve --repo {args.output}")
     print(f"or, in NVIDIA's Triton container (with pdrop installed):  tritonserver --model-repository={args.output}")
@@ -205,11 +207,22 @@ def make_parser() -> argparse.ArgumentParser:
     k.add_argument("--engine", required=True, help="engine directory")
     k.add_argument("--output", required=True, help="model repository directory to write")
     k.add_argument("--model-name", default="pdrop", help="'ensemble' makes it a drop-in for tensorrtllm_backend clients")
-    k.add_argument("--instances", type=int, default=1, help="model instances (each loads the engine)")
+    k.add_argument("--instances", type=int, default=1,
+                   help="model instances; each loads the engine and has its own KV pool (1: one scheduler sees all)")
     k.add_argument("--max-batch-size", type=int, help="Triton batch size (default: the engine's)")
     k.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching window")
     k.add_argument("--device", default="auto", help="where the model runs: auto | cpu | cuda | cuda:N")
     k.add_argument("--copy-engine", action="store_true", help="copy the engine into the repository")
+    k.add_argument("--scheduler", default="inflight", choices=["inflight", "static"],
+                   help="inflight (default): requests join and leave the running batch between steps; "
+                        "static: a batch runs to its end before the next is admitted (the baseline)")
+    k.add_argument("--kv-cache-tokens", type=int, default=0,
+                   help="KV pool size in token slots per layer (default 0: max batch size x max seq len)")
+    k.add_argument("--kv-cache-memory-fraction", type=float, default=0.0,
+                   help="on CUDA: size the KV pool to this fraction of the free GPU memory after loading "
+                        "(TensorRT-LLM's free_gpu_memory_fraction); 0: use --kv-cache-tokens")
+    k.add_argument("--max-queued-requests", type=int, default=64,
+                   help="waiting requests beyond this get 'server busy, retry later'")
     k.add_argument("--force", action="store_true", help="replace an existing output directory")
     k.set_defaults(func=cmd_package)
 

@@ -9,6 +9,7 @@ prompt around the image. Prints a table with ratios; needs CUDA and nvcc.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -17,9 +18,11 @@ from builder.convert.plugins import compile_plugins
 from builder.format.config import LLMConfig
 from builder.runtime import pyramid
 from builder.runtime.kernels import Kernels
-from builder.runtime.kv_cache import LayerKV
 from builder.runtime.model import TransformerBlock
+from builder.runtime.paged_kv import BlockPool, PagedLayerKV, SequenceKV
 from builder.runtime.rope import Rope
+
+BLOCK = 16  # KV block size, the engine's default
 
 
 def cuda_ms(fn, repeats: int) -> float:
@@ -63,8 +66,12 @@ def main() -> int:
     for batch in (int(b) for b in args.batch.split(",")):
         h = torch.randn(batch, length, cfg.dim, device="cuda", dtype=dtype)
         block = layers[0]
-        for layer in layers:
-            layer.attention.kv_cache = LayerKV(batch, cfg.n_kv_heads, length, cfg.head_dim, dtype, "cuda")
+        per_layer = math.ceil(length / BLOCK)  # each sequence's blocks in each layer
+        pool = BlockPool(batch * len(layers) * per_layer, BLOCK, cfg.n_kv_heads, cfg.head_dim, dtype,
+                         torch.device("cuda"))
+        for i, layer in enumerate(layers):
+            layer.attention.kv_cache = PagedLayerKV(pool, i)
+        seqs = [SequenceKV.of(pool.allocate(len(layers) * per_layer), [per_layer] * len(layers)) for _ in range(batch)]
 
         def rank_torch():
             for b in range(batch):
@@ -84,7 +91,7 @@ def main() -> int:
             for b in range(batch):  # the runtime prefills one sequence at a time
                 x = h[b:b + 1]
                 for layer in layers:
-                    x = layer(x, cos_sin, b)
+                    x = layer(x, cos_sin, seqs[b])
 
         with torch.inference_mode():
             t_torch, t_kern = cuda_ms(rank_torch, args.repeats), cuda_ms(rank_kernels, args.repeats)

@@ -1,6 +1,8 @@
 """Shared fixtures: the demo preset, its Hugging Face export and engines built from it, all on CPU."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -10,20 +12,33 @@ from builder.convert.build import build_engine
 from builder.convert.presets import preset_checkpoint, write_hf_checkpoint
 from builder.format.config import EXPORTS, Limits, PyramidSchedule
 from builder.runtime.engine import Engine
+from builder.runtime.paged_kv import SequenceKV
 from builder.runtime.pyramid import ImageSpan
 
 DEMO_LAYERS = [2, 4, 6]
 
 
-def prefill(engine, req, extra: int = 0):
-    """The engine's cached prefill of one prepared request into cache row 0 (room for `extra`
-    decode steps): returns its embeddings (1, L, dim), final hidden states and stage stats."""
-    with torch.inference_mode():
-        embeds, _ = engine._embed(req)
-        engine.llm.setup_caches(1, embeds.shape[1] + extra)
-        span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
-        h, stages = engine.llm.prefill(embeds, 0, span, req.schedule)
-    return embeds, h, stages
+@contextmanager
+def prefilled(engine, req):
+    """The engine's prefill of one prepared request into blocks of its pool (room for the request's
+    max_new_tokens): yields its embeddings (1, L, dim), final hidden states, stage stats and KV
+    bookkeeping (for engine.decoder.step); the blocks go back after."""
+    n_blocks = engine.scheduler.blocks_for(req)
+    seq = SequenceKV.of(engine.pool.allocate(sum(n_blocks)), n_blocks)
+    try:
+        with torch.inference_mode():
+            embeds, _ = engine.embed(req)
+            span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
+            h, stages = engine.llm.prefill(embeds, seq, span, req.schedule)
+        yield embeds, h, stages, seq
+    finally:
+        engine.pool.release(seq.block_ids())
+
+
+def prefill(engine, req):
+    """prefilled's embeddings, final hidden states and stage stats."""
+    with prefilled(engine, req) as (embeds, h, stages, _):
+        return embeds, h, stages
 
 
 def make_image(height: int, width: int, seed: int = 0) -> Image.Image:

@@ -20,18 +20,18 @@ def bench(where: list[str], tmp_path: Path, *args: str) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=300)
 
 
-def test_bench_grpc_writes_table_json_and_plot(engine_dir, tmp_path):
-    repo = package_repo(engine_dir, tmp_path / "models").parent
-    out = bench(["--repo", str(repo)], tmp_path, "--concurrency", "1,2", "--requests", "3", "--max-tokens", "4",
-                "--warmup", "1")
+def test_bench_grpc_compares_schedulers_and_writes_table_json_and_plot(engine_dir, tmp_path):
+    out = bench(["--engine", str(engine_dir)], tmp_path, "--concurrency", "1,2", "--requests", "3", "--max-tokens",
+                "4", "--warmup", "1", "--arrival-ms", "20")
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert {(r["drop_ratio"], r["concurrency"]) for r in rows} == {(0.0, 1), (0.0, 2), (0.5, 1), (0.5, 2)}
+    assert {(r["scheduler"], r["drop_ratio"], r["concurrency"]) for r in rows} == {
+        (s, d, c) for s in ("inflight", "static") for d in (0.0, 0.5) for c in (1, 2)}
     for r in rows:
         assert r["requests"] == 3 and r["errors"] == 0
         assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and r["output_tokens_per_s"] > 0
-    table = out.stdout.splitlines()
-    assert any(line.strip().startswith("2 |") for line in table)
+    table = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| inflight")]
+    assert len(table) == 4 and all(cells[-3].strip() != "—" for cells in table)  # a ratio to static on each
     with Image.open(tmp_path / "b.png") as img:
         assert img.format == "PNG" and img.width > 100
 

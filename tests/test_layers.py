@@ -35,6 +35,8 @@ BANNED = {"format": {"torch", "transformers", "safetensors", "tqdm"}, "client": 
 # scripts that are clients of a server: they never load the runtime or torch
 CLIENT_SCRIPTS = ["scripts/bench_grpc.py", "scripts/make_pa_input.py"]
 TRITON_MODEL = "triton_repo/pdrop/1/model.py"
+# what a client script may use to package and start a server of its own (neither loads the runtime)
+SERVER_TOOLS = ("builder.serve.launcher", "builder.serve.package")
 
 
 def module_name(path: Path) -> str:
@@ -81,7 +83,7 @@ def violations(path: str, source: str, own: str | None = None) -> list[str]:
                 found.append(f"{where} {names} (the Triton model uses only builder's public API)")
             continue
         if own == "client-script":
-            if layer(target) not in (None, "client", "format") and target != "builder.serve.launcher" or top == "torch":
+            if layer(target) not in (None, "client", "format") and target not in SERVER_TOOLS or top == "torch":
                 found.append(f"{where} (a client script loads no runtime and no torch)")
             continue
         if top in BANNED.get(own, ()):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEMO_LAYERS, prefill
+from conftest import DEMO_LAYERS, prefilled
 from reference import Reference, authors_count
 
 from builder.format.config import LLMConfig, PyramidSchedule
@@ -22,21 +22,20 @@ def reference(demo_ckpt):
 def fast_path(engine, prompt, image, drop, steps, **variant):
     """Greedy tokens, per-step logits and stage stats from the engine's cached prefill + decode."""
     schedule = PyramidSchedule.create(8, drop, DEMO_LAYERS, **variant)
-    req = engine.prepare(prompt, image, SamplingParams(), schedule=schedule)
-    embeds, h, stages = prefill(engine, req, extra=steps)
-    with torch.inference_mode():
+    req = engine.prepare(prompt, image, SamplingParams(max_new_tokens=steps), schedule=schedule)
+    with prefilled(engine, req) as (embeds, h, stages, seq), torch.inference_mode():
         logits = [engine.llm.output(h[0, -1])]
         tokens = [int(logits[-1].argmax())]
         for _ in range(steps - 1):
-            logits.append(engine.llm.decode(torch.tensor(tokens[-1:]))[0])
+            logits.append(engine.decoder.step(torch.tensor(tokens[-1:]), [seq])[0])
             tokens.append(int(logits[-1].argmax()))
-    return req, embeds[0], tokens, logits, stages
+    return req, embeds[0], tokens, logits, stages, seq.lengths
 
 
 @pytest.mark.parametrize("drop,case", [(0.5, 0), (0.5, 3), (0.25, 1), (0.75, 4), (0.5, 5)])
 def test_prefill_and_decode_match_reference(drop, case, engine, reference, images):
     steps = 6
-    req, embeds, tokens, logits, stages = fast_path(engine, PROMPT, images[case], drop, steps)
+    req, embeds, tokens, logits, stages, _ = fast_path(engine, PROMPT, images[case], drop, steps)
     keep = 1 - drop
     assert [s.tokens_kept for s in stages] == [authors_count(req.n_image, keep, s) for s in range(3)]
     seq = embeds
@@ -54,7 +53,7 @@ def test_baselines_match_the_reference(variant, engine, reference, images):
     """The comparison baselines (FastV-style original positions, random keep) run through the same
     cache and decode path and equal the reference of the same variant."""
     steps = 5
-    req, embeds, tokens, logits, stages = fast_path(engine, PROMPT, images[0], 0.5, steps, **variant)
+    req, embeds, tokens, logits, stages, _ = fast_path(engine, PROMPT, images[0], 0.5, steps, **variant)
     seq = embeds
     for step in range(steps):
         ref_logits, ref_kept = reference.forward(seq, req.input_ids.numel(), req.image_start, req.n_image,
@@ -66,8 +65,7 @@ def test_baselines_match_the_reference(variant, engine, reference, images):
 
 def test_drop_changes_the_computation(engine, images):
     """Sanity: dropping really removes tokens, and the deepest layers' caches are shorter."""
-    req, _, _, _, stages = fast_path(engine, PROMPT, images[0], 0.5, 2)
-    lengths = [layer.attention.kv_cache.lengths[0].item() for layer in engine.llm.layers]
+    req, _, _, _, stages, lengths = fast_path(engine, PROMPT, images[0], 0.5, 2)
     prompt = req.input_ids.numel()
     n = req.n_image
     expected = [prompt + 1 - (n - c) for c in PyramidSchedule(DEMO_LAYERS, 0.5).tokens_per_layer(n, 8)]

@@ -13,6 +13,8 @@ SUPPORTED_TEXT_MODELS = ("llama", "mistral")
 EXPORTS = ("onnx", "trtllm-checkpoint")
 # Weight dtypes of an engine, by torch's names (torch.float32, ...).
 DTYPES = ("float32", "float16", "bfloat16")
+# How the runtime batches: requests join and leave between steps, or static batches (the baseline).
+SCHEDULERS = ("inflight", "static")
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""Decode-step runners: eager (any device) and CUDA-graph replay (CUDA) over static KV caches.
+"""Decode-step runners over the paged KV cache: eager (any device) and CUDA-graph replay (CUDA).
 
-With graphs, each (batch, cache-length bucket) owns one pre-allocated cache and one captured
-decode step; later requests of the same bucket reuse both, so nothing is re-captured. The cache
-lengths live on the device and the step increments them itself, so a replay needs no host input
-but the tokens.
+A step is a function of device tensors only (tokens, block tables, lengths, offsets: DecodeBatch),
+so it can be captured. The graph runner pads the batch to a bucket (a power of two) and the block
+tables to a width bucket; padding rows read and write only the null block. Each (batch, width)
+bucket is captured once and replayed by every later step of that shape.
 """
 from __future__ import annotations
 
@@ -13,72 +13,73 @@ from collections import OrderedDict
 import torch
 
 from .model import Transformer
+from .paged_kv import DecodeBatch, SequenceKV
 
 
 class EagerDecoder:
     def __init__(self, llm: Transformer):
         self.llm = llm
 
-    def prepare(self, batch: int, max_len: int) -> None:
-        self.llm.setup_caches(batch, max_len)
+    def step(self, tokens: torch.Tensor, seqs: list[SequenceKV]) -> torch.Tensor:
+        """tokens (B,) of the sequences `seqs` -> logits (B, vocab); their caches grow by one."""
+        logits = self.run(tokens, seqs)
+        for s in seqs:
+            s.lengths = [n + 1 for n in s.lengths]
+        return logits
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.llm.decode(tokens)
+    def run(self, tokens: torch.Tensor, seqs: list[SequenceKV]) -> torch.Tensor:
+        return self.llm.decode(tokens, DecodeBatch.of(seqs, len(seqs), tokens.device))
 
 
-class _Bucket:
-    def __init__(self, caches: list):
-        self.caches = caches
+class _Graph:
+    def __init__(self, batch: DecodeBatch, tokens: torch.Tensor):
+        self.batch, self.tokens = batch, tokens
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.tokens: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
 
 
-class GraphDecoder:
-    """CUDA-graph decode over bucketed static caches (at most `max_buckets` held at once)."""
+class GraphDecoder(EagerDecoder):
+    """CUDA-graph decode, one graph per (batch bucket, table-width bucket); at most `max_graphs` kept."""
 
-    def __init__(self, llm: Transformer, max_seq_len: int, bucket: int = 512, max_buckets: int = 2):
-        self.llm, self.max_seq_len, self.bucket, self.max_buckets = llm, max_seq_len, bucket, max_buckets
-        self.buckets: OrderedDict[tuple[int, int], _Bucket] = OrderedDict()
+    def __init__(self, llm: Transformer, block_size: int, width_bucket_tokens: int = 512, max_graphs: int = 8):
+        super().__init__(llm)
+        self.max_graphs = max_graphs
+        self.width_bucket = max(1, width_bucket_tokens // block_size)
+        self.graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
         self.captures = 0  # how many graphs were captured, for tests and logs
-        self.current: _Bucket | None = None
 
-    def prepare(self, batch: int, max_len: int) -> None:
-        length = min(math.ceil(max_len / self.bucket) * self.bucket, self.max_seq_len)
-        key = (batch, length)
-        if key not in self.buckets:
-            while len(self.buckets) >= self.max_buckets:
-                self.buckets.popitem(last=False)
-            self.llm.setup_caches(batch, length)
-            self.buckets[key] = _Bucket([layer.attention.kv_cache for layer in self.llm.layers])
-        self.buckets.move_to_end(key)
-        self.current = self.buckets[key]
-        for layer, cache in zip(self.llm.layers, self.current.caches):
-            cache.lengths.zero_()
-            layer.attention.kv_cache = cache
+    def run(self, tokens: torch.Tensor, seqs: list[SequenceKV]) -> torch.Tensor:
+        rows = 1 << math.ceil(math.log2(len(seqs)))
+        width = math.ceil(max(s.tables.shape[1] for s in seqs) / self.width_bucket) * self.width_bucket
+        batch = DecodeBatch.of(seqs, rows, tokens.device, width)
+        padded = torch.zeros(rows, dtype=tokens.dtype, device=tokens.device)
+        padded[:len(seqs)] = tokens
+        key = (rows, width)
+        g = self.graphs.get(key)
+        if g is None:
+            while len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)
+            g = self.graphs[key] = self._capture(batch, padded)
+        else:
+            for mine, new in ((g.batch.tables, batch.tables), (g.batch.lengths, batch.lengths),
+                              (g.batch.offsets, batch.offsets), (g.tokens, padded)):
+                mine.copy_(new)
+            g.graph.replay()
+        self.graphs.move_to_end(key)
+        return g.logits[:len(seqs)]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        b = self.current
-        if b.graph is None:
-            self._capture(b, tokens)
-        b.tokens.copy_(tokens)
-        b.graph.replay()
-        return b.logits
-
-    def _capture(self, b: _Bucket, tokens: torch.Tensor) -> None:
-        b.tokens = tokens.clone()
-        # Warm-up steps write past the current lengths (masked out, overwritten later); the
-        # lengths themselves are put back before capturing.
-        saved = [c.lengths.clone() for c in b.caches]
+    def _capture(self, batch: DecodeBatch, tokens: torch.Tensor) -> _Graph:
+        """Warm up on a side stream, then capture. Warm-up and capture both run the real step (the
+        writes go to the rows' next slots, where the step being served writes them anyway)."""
+        g = _Graph(batch, tokens)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
-                self.llm.decode(b.tokens)
+            self.llm.decode(g.tokens, g.batch)
         torch.cuda.current_stream().wait_stream(side)
-        for cache, lengths in zip(b.caches, saved):
-            cache.lengths.copy_(lengths)
-        b.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(b.graph):
-            b.logits = self.llm.decode(b.tokens)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph):
+            g.logits = self.llm.decode(g.tokens, g.batch)
+        g.graph.replay()  # capturing does not run the step; this serves it
         self.captures += 1
+        return g

@@ -4,14 +4,17 @@
     [result] = engine.generate(["<image>\\nWhat is shown? ASSISTANT:"], [image], max_new_tokens=32)
 
 A batch may mix images of different sizes (different image-token counts) and text-only prompts:
-each prompt is prefilled on its own (its own drop schedule and image span) into its row of one
-static KV cache, then all rows decode together.
+each prompt is prefilled on its own (its own drop schedule and image span), a pyramid stage at a
+time, into its blocks of the paged KV cache; decoding runs every admitted sequence together. All of
+it goes through the step scheduler (scheduler.py), the same path a server uses.
 """
 from __future__ import annotations
 
+import math
+import queue
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,13 +24,13 @@ from safetensors.torch import load_file
 from ..format.config import DTYPES, PyramidSchedule
 from ..format.errors import EngineError, InputError
 from ..format.manifest import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
-from . import flops
 from .decode import EagerDecoder, GraphDecoder
 from .images import load_image
 from .model import Transformer
-from .pyramid import ImageSpan, StageStats
+from .paged_kv import BlockPool
 from .rope import Rope
-from .sampling import Sampler, SamplingParams
+from .sampling import SamplingParams
+from .scheduler import Delta, Result, Scheduler
 from .vision import VisionEncoder, merge
 
 IMAGE = "<image>"
@@ -52,69 +55,6 @@ class Request:
     @property
     def image_tokens(self) -> int:
         return self.n_image
-
-
-@dataclass
-class Result:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or stop word) or "length"
-    prompt_tokens: int
-    image_tokens: int
-    stages: list[StageStats]
-    timings: dict
-    flops: dict
-    layout: dict = field(default_factory=dict)  # image-token layout, for keep maps
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
-                "stages": [s.to_dict() for s in self.stages], "timings": self.timings, "flops": self.flops,
-                "layout": self.layout}
-
-
-@dataclass
-class Delta:
-    """One streamed event: new text of request `index`; `result` is set on its last event."""
-    index: int
-    text: str
-    token_id: int | None
-    result: Result | None = None
-
-
-class _Row:
-    """Decoding state of one request: its sampler, its tokens, the text streamed so far, stops."""
-
-    def __init__(self, tokenizer, params: SamplingParams, eos: set[int], budget: int, device):
-        self.tokenizer, self.params, self.eos, self.budget = tokenizer, params, eos, budget
-        bad = [tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words]
-        self.sampler = Sampler(params, device, eos, bad)
-        self.ids: list[int] = []
-        self.sent = 0
-        self.finish: str | None = None
-        self.text = ""
-
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.sampler(logits, self.ids)
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        if token in self.eos:
-            self.finish = "stop"
-        text = self.tokenizer.decode([t for t in self.ids if t not in self.eos], skip_special_tokens=True)
-        for s in self.params.stop:
-            if s in text:
-                text, self.finish = text[:text.index(s)], "stop"
-        if self.finish is None and len(self.ids) >= self.budget:
-            self.finish = "length"
-        self.text = text
-        # hold back an incomplete UTF-8 character or a possible start of a stop word
-        end = len(text) if self.finish else len(text.rstrip("\ufffd")) - self._stop_prefix(text)
-        delta, self.sent = text[self.sent:max(end, self.sent)], max(end, self.sent)
-        return delta
-
-    def _stop_prefix(self, text: str) -> int:
-        return max((k for s in self.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -148,18 +88,47 @@ def load_kernels(path: Path, manifest, device: torch.device):
 
 class Engine:
     def __init__(self, path: Path, manifest, llm: Transformer, vision: VisionEncoder, processor, device,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, kv_cache_tokens: int | None = None, block_size: int = 16,
+                 scheduler: str = "inflight", max_queued_requests: int = 64,
+                 kv_cache_memory_fraction: float | None = None):
         self.path, self.manifest, self.llm, self.vision = path, manifest, llm, vision
         self.processor, self.tokenizer, self.device = processor, processor.tokenizer, device
         self.dtype = llm.output.weight.dtype
+        cfg, limits = manifest.llm, manifest.limits
+        tokens = kv_cache_tokens or self._pool_tokens(kv_cache_memory_fraction, block_size)
+        if tokens < 1 or block_size < 1:
+            raise InputError(f"kv_cache_tokens and block_size must be positive, got {tokens} and {block_size}")
+        self.pool = BlockPool(cfg.n_layers * math.ceil(tokens / block_size), block_size, cfg.n_kv_heads,
+                              cfg.head_dim, self.dtype, device)
+        llm.attach(self.pool)
         graphs = cuda_graphs and device.type == "cuda"
-        self.decoder = GraphDecoder(llm, manifest.limits.max_seq_len) if graphs else EagerDecoder(llm)
+        self.decoder = GraphDecoder(llm, block_size) if graphs else EagerDecoder(llm)
+        self.scheduler = Scheduler(self, self.pool, limits.max_batch_size, max_queued_requests, scheduler)
+
+    def _pool_tokens(self, memory_fraction: float | None, block_size: int) -> int:
+        """Token slots per layer: a fraction of the free CUDA memory (TensorRT-LLM's
+        free_gpu_memory_fraction), or by default max_batch_size x max_seq_len, so that every batch
+        slot can hold a whole sequence in every layer, as with no drop."""
+        limits, cfg = self.manifest.limits, self.manifest.llm
+        if memory_fraction is None:
+            return limits.max_batch_size * limits.max_seq_len
+        if self.device.type != "cuda" or not 0 < memory_fraction < 1:
+            raise InputError(f"kv_cache_memory_fraction must be in (0, 1) and needs a CUDA device, "
+                             f"got {memory_fraction} on {self.device}")
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_token = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * self.llm.output.weight.element_size()
+        return int(free * memory_fraction) // per_token // block_size * block_size
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto", dtype: str | None = None,
-             verify: bool = True, cuda_graphs: bool = True) -> "Engine":
+             verify: bool = True, cuda_graphs: bool = True, kv_cache_tokens: int | None = None,
+             scheduler: str = "inflight", max_queued_requests: int = 64,
+             kv_cache_memory_fraction: float | None = None) -> "Engine":
         """Load an engine directory; `verify` checks every file's sha256 against the manifest;
-        `cuda_graphs` replays decode steps from CUDA graphs on a CUDA device."""
+        `cuda_graphs` replays decode steps from CUDA graphs on a CUDA device; the KV pool holds
+        `kv_cache_tokens` token slots per layer (default max_batch_size x max_seq_len), or on CUDA
+        `kv_cache_memory_fraction` of the free memory; `scheduler` is "inflight" (requests join and
+        leave between steps) or "static" (the baseline)."""
         from transformers import AutoProcessor
 
         path = Path(path)
@@ -182,7 +151,29 @@ class Engine:
             processor = AutoProcessor.from_pretrained(path)
         except Exception as e:
             raise EngineError(f"cannot load the processor of engine {path}: {e}") from None
-        return cls(path, manifest, llm, vision, processor, device, cuda_graphs)
+        return cls(path, manifest, llm, vision, processor, device, cuda_graphs, kv_cache_tokens,
+                   scheduler=scheduler, max_queued_requests=max_queued_requests,
+                   kv_cache_memory_fraction=kv_cache_memory_fraction)
+
+    # ---- serving: requests come and go while the scheduler steps in its own thread ---------
+
+    def start_serving(self) -> None:
+        """Step the scheduler in a thread of its own: `submit` from any thread, events come from it."""
+        self.scheduler.start()
+
+    def stop_serving(self) -> None:
+        """Stop the thread; what is still queued or running ends as cancelled (each gets its last event)."""
+        self.scheduler.stop()
+
+    def submit(self, req: Request, on_event, index: int = 0, t0: float | None = None, is_cancelled=None):
+        """Queue a prepared request; `on_event` gets its Deltas (the last carries the Result) or a
+        PdropError; `is_cancelled()` is polled every step. InputError at once when the queue is full
+        or the request can never fit the KV pool. Returns a handle with cancel()."""
+        return self.scheduler.submit(req, on_event, index, t0, is_cancelled)
+
+    def stats(self) -> dict[str, int]:
+        """queued, running, kv_blocks_used, kv_blocks_free."""
+        return self.scheduler.stats()
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -228,7 +219,8 @@ class Engine:
                              f"this engine's max_input_len is {limit}")
         return req
 
-    def _embed(self, req: Request) -> tuple[torch.Tensor, dict]:
+    def embed(self, req: Request) -> tuple[torch.Tensor, dict]:
+        """The prompt's embeddings (1, L, dim), image features spliced in, and the image-token layout."""
         ids = req.input_ids.to(self.device)
         embeds = self.llm.tok_embeddings(ids)[None]  # (1, L, dim)
         if req.image is None:
@@ -270,60 +262,28 @@ class Engine:
         return results
 
     def stream_prepared(self, reqs: list[Request], t0: float | None = None) -> Iterator[Delta]:
-        """Prefill every prepared request, then decode them together; t0 is when preprocessing began."""
-        t0 = time.perf_counter() if t0 is None else t0
-        max_seq = self.manifest.limits.max_seq_len
-        budgets = [min(r.params.max_new_tokens, max_seq - r.input_ids.numel()) for r in reqs]
-        # finished rows keep stepping with the batch, so every row may grow by the largest budget
-        self.decoder.prepare(len(reqs), max(r.input_ids.numel() for r in reqs) + max(budgets))
-        rows = [_Row(self.tokenizer, r.params, {r.params.end_id} if r.params.end_id is not None
-                     else set(self.manifest.eos_token_ids), b, self.device) for r, b in zip(reqs, budgets)]
+        """Generate prepared requests through the scheduler, yielding their deltas as they come; t0
+        is when preprocessing began. Closing the iterator early cancels what is left."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        handles = [self.submit(r, events.put, i, t0) for i, r in enumerate(reqs)]
+        try:
+            left = len(handles)
+            while left:
+                while self.scheduler.thread is None and events.empty():
+                    with torch.inference_mode():
+                        self.scheduler.step()
+                event = events.get()
+                if isinstance(event, Exception):
+                    raise event
+                left -= event.result is not None
+                yield event
+        finally:
+            for h in handles:
+                h.cancel()
+            if self.scheduler.thread is None:
+                self.scheduler.retire_cancelled()  # their blocks go back now, not at the next request
 
-        vision_s, stages, layouts, first = 0.0, [], [], []
-        t_pre = time.perf_counter() - t0
-        for i, req in enumerate(reqs):
-            tv = time.perf_counter()
-            embeds, layout = self._embed(req)
-            self._sync()
-            vision_s += time.perf_counter() - tv
-            span = ImageSpan.full(req.image_start, req.n_image, self.device) if req.n_image else None
-            h, st = self.llm.prefill(embeds, i, span, req.schedule)
-            first.append(rows[i].sample(self.llm.output(h[0, -1])))
-            stages.append(st)
-            layouts.append(layout)
-        tokens = torch.stack(first)
-        self._sync()
-        ttft = time.perf_counter() - t0
-
-        while True:
-            ids = tokens.tolist()
-            for i, row in enumerate(rows):
-                if row.finish is None:
-                    delta = row.add(ids[i])
-                    if row.finish is None:
-                        yield Delta(i, delta, ids[i])
-                    else:
-                        timing = (t0, t_pre, vision_s, ttft)
-                        yield Delta(i, delta, ids[i], self._result(reqs[i], row, stages[i], layouts[i], timing))
-            if all(row.finish for row in rows):
-                return
-            logits = self.decoder.step(tokens)
-            tokens = torch.stack([row.sample(logits[i]) for i, row in enumerate(rows)])
-
-    def _result(self, req: Request, row: _Row, stages, layout, timing: tuple) -> Result:
-        t0, t_pre, vision_s, ttft = timing
-        total = time.perf_counter() - t0
-        decode_s = total - ttft
-        n_text = req.input_ids.numel() - req.n_image
-        return Result(
-            text=row.text, token_ids=row.ids, finish_reason=row.finish, prompt_tokens=req.input_ids.numel(),
-            image_tokens=req.n_image, stages=stages, layout=layout,
-            timings={"preprocess_s": t_pre, "vision_s": vision_s, "prefill_s": ttft - t_pre - vision_s,
-                     "ttft_s": ttft, "decode_s": decode_s,
-                     "total_s": total,
-                     "decode_tokens_per_s": (len(row.ids) - 1) / decode_s if len(row.ids) > 1 and decode_s else 0.0},
-            flops=flops.report(self.manifest.llm, req.schedule, req.n_image, n_text))
-
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Wait for the device, so that host timings mean something."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,10 +1,13 @@
 """The language model: a Llama-family decoder in plain PyTorch, with PyramidDrop inside prefill.
 
 Weights are laid out as the builder converts them: fused `wqkv` and `w13` (gate, up) projections.
-Prefill runs one sequence at a time (each has its own image span and drop schedule) and fills its
-row of the static KV cache; decode runs the whole batch, each row at its own per-layer length.
+Prefill runs one sequence at a time (each has its own image span and drop schedule), a pyramid
+stage per call, and writes its blocks of the paged KV cache; decode runs a batch of sequences, each
+at its own per-layer length.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +15,7 @@ from torch import nn
 
 from ..format.config import LLMConfig, PyramidSchedule
 from . import pyramid
-from .kv_cache import LayerKV, NoCache
+from .paged_kv import BlockPool, DecodeBatch, NoCache, PagedLayerKV, SequenceKV
 from .rope import Rope, apply_rope
 
 
@@ -35,7 +38,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.wqkv = nn.Linear(cfg.dim, cfg.q_size + 2 * cfg.kv_size, bias=False)
         self.wo = nn.Linear(cfg.q_size, cfg.dim, bias=False)
-        self.kv_cache: LayerKV | NoCache = NoCache()
+        self.kv_cache: PagedLayerKV | NoCache = NoCache()
 
     def split_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -88,40 +91,73 @@ class Transformer(nn.Module):
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_seq_len)
         self.kernels = None  # runtime.kernels.Kernels on CUDA when the engine ships them
 
-    def setup_caches(self, batch: int, max_len: int) -> None:
-        p = self.output.weight
-        for layer in self.layers:
-            layer.attention.kv_cache = LayerKV(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
-                                               p.dtype, p.device)
-
-    def prefill(self, embeds: torch.Tensor, row: int, span: pyramid.ImageSpan | None,
-                schedule: PyramidSchedule) -> tuple[torch.Tensor, list[pyramid.StageStats]]:
-        """Run one prompt (embeds: (1, L, dim)) through every layer, dropping image tokens at each
-        stage boundary, and fill cache row `row`. Returns the final-normed hidden states of the
-        surviving tokens and the per-boundary stats."""
-        h = embeds
-        n_prompt = embeds.shape[1]
-        pos = torch.arange(n_prompt, device=h.device)
-        stages = []
+    def attach(self, pool: BlockPool) -> None:
+        """Every layer's attention reads and writes its keys and values through `pool`."""
         for i, layer in enumerate(self.layers):
-            if span is not None and i in schedule.layers:
-                if schedule.active:
-                    n_keep = schedule.kept_after(span.n_original, schedule.layers.index(i))
-                    h, span, stats = pyramid.drop(layer, self.rope(pos, h.dtype), h, span, n_keep, i, self.kernels,
-                                                  schedule.method, schedule.seed)
-                    pos = pyramid.positions_after(span, n_prompt, schedule.positions)
-                else:
-                    stats = pyramid.StageStats(i, span.n_alive, span.n_alive, span.original.tolist())
-                stages.append(stats)
-            h = layer(h, self.rope(pos, h.dtype), row)
-            cache = layer.attention.kv_cache
-            cache.offsets[row] = n_prompt - h.shape[1] if schedule.positions == "original" else 0
-        return self.norm(h), stages
+            layer.attention.kv_cache = PagedLayerKV(pool, i)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One step for the whole batch: tokens (B,) -> logits (B, vocab)."""
+    def start_prefill(self, embeds: torch.Tensor, seq: SequenceKV, span: pyramid.ImageSpan | None,
+                      schedule: PyramidSchedule) -> Prefill:
+        return Prefill(embeds, span, torch.arange(embeds.shape[1], device=embeds.device), embeds.shape[1],
+                       schedule, seq, stage_ends(schedule, self.cfg.n_layers))
+
+    def prefill_stage(self, p: Prefill) -> None:
+        """Run `p` through the layers of its next stage, dropping image tokens at the boundary that
+        opens it; the layers write the surviving tokens' keys and values to p.seq's blocks."""
+        schedule, h, pos = p.schedule, p.h, p.pos
+        end = p.ends.pop(0)
+        for i in range(p.layer, end):
+            layer = self.layers[i]
+            if p.span is not None and i in schedule.layers:
+                if schedule.active:
+                    n_keep = schedule.kept_after(p.span.n_original, schedule.layers.index(i))
+                    h, p.span, stats = pyramid.drop(layer, self.rope(pos, h.dtype), h, p.span, n_keep, i,
+                                                    self.kernels, schedule.method, schedule.seed)
+                    pos = pyramid.positions_after(p.span, p.n_prompt, schedule.positions)
+                else:
+                    stats = pyramid.StageStats(i, p.span.n_alive, p.span.n_alive, p.span.original.tolist())
+                p.stages.append(stats)
+            h = layer(h, self.rope(pos, h.dtype), p.seq)
+            p.seq.offsets[i] = p.n_prompt - h.shape[1] if schedule.positions == "original" else 0
+        p.h, p.pos, p.layer = h, pos, end
+
+    def prefill(self, embeds: torch.Tensor, seq: SequenceKV, span: pyramid.ImageSpan | None,
+                schedule: PyramidSchedule) -> tuple[torch.Tensor, list[pyramid.StageStats]]:
+        """Run one prompt (embeds: (1, L, dim)) through every stage at once. Returns the final-normed
+        hidden states of the surviving tokens and the per-boundary stats."""
+        p = self.start_prefill(embeds, seq, span, schedule)
+        while not p.done:
+            self.prefill_stage(p)
+        return self.norm(p.h), p.stages
+
+    def decode(self, tokens: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
+        """One step for a batch of sequences: tokens (B,) -> logits (B, vocab)."""
         h = self.tok_embeddings(tokens)[:, None]  # (B, 1, dim)
         for layer in self.layers:
-            pos = layer.attention.kv_cache.positions()  # (B, 1): this layer's own length (+ offset)
-            h = layer(h, self.rope(pos, h.dtype), None)
+            cache = layer.attention.kv_cache
+            cache.batch = batch
+            h = layer(h, self.rope(cache.positions(), h.dtype), None)  # each row at this layer's own length
         return self.output(self.norm(h))[:, 0]
+
+
+def stage_ends(schedule: PyramidSchedule, n_layers: int) -> list[int]:
+    """The layer each prefill chunk ends before: the stage boundaries, then the depth."""
+    return [*schedule.layers, n_layers]
+
+
+@dataclass
+class Prefill:
+    """A prompt on its way through the layers, one stage at a time."""
+    h: torch.Tensor  # (1, L', dim) hidden states after `layer` layers
+    span: pyramid.ImageSpan | None
+    pos: torch.Tensor  # (L',) RoPE positions
+    n_prompt: int
+    schedule: PyramidSchedule
+    seq: SequenceKV
+    ends: list[int]  # the layer each stage still to run ends before
+    layer: int = 0  # the next layer to run
+    stages: list[pyramid.StageStats] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return not self.ends

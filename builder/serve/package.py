@@ -12,6 +12,7 @@ from pathlib import Path
 from string import Template
 
 from ..format.atomic import staging_dir
+from ..format.config import SCHEDULERS
 from ..format.errors import ConfigError, PdropError
 from ..format.manifest import read_manifest
 
@@ -31,8 +32,12 @@ def validate_config(text: str) -> None:
 
 def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdrop", instances: int = 1,
                  max_batch_size: int | None = None, copy_engine: bool = False, device: str = "auto",
-                 max_queue_delay_us: int = 2000, force: bool = False) -> Path:
-    """Write a model repository serving `engine`; returns the model's directory."""
+                 max_queue_delay_us: int = 2000, force: bool = False, scheduler: str = "inflight",
+                 kv_cache_tokens: int = 0, max_queued_requests: int = 64, kv_cache_memory_fraction: float = 0.0
+                 ) -> Path:
+    """Write a model repository serving `engine`; returns the model's directory. `scheduler`,
+    `kv_cache_tokens` (0: the engine's default pool), `kv_cache_memory_fraction` (CUDA; 0: unused)
+    and `max_queued_requests` configure the engine's in-flight batching (Engine.load)."""
     engine, output = Path(engine).resolve(), Path(output).resolve()
     manifest = read_manifest(engine, verify=True)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name):
@@ -43,6 +48,11 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
         raise ConfigError(f"--max-batch-size must be in 1..{limit} (the engine's limit), got {batch}")
     if instances < 1:
         raise ConfigError(f"--instances must be positive, got {instances}")
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got '{scheduler}'")
+    if kv_cache_tokens < 0 or max_queued_requests < 1 or not 0 <= kv_cache_memory_fraction < 1:
+        raise ConfigError("--kv-cache-tokens must be >= 0, --kv-cache-memory-fraction in [0, 1) and "
+                          "--max-queued-requests positive")
     if not (TEMPLATE / "config.pbtxt").is_file():
         raise PdropError(f"model repository template not found at {TEMPLATE}: package needs a source checkout")
     engine_ref = output / model_name / "1" / "engine" if copy_engine else engine
@@ -51,7 +61,8 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
     text = Template((TEMPLATE / "config.pbtxt").read_text()).substitute(
         model_name=model_name, max_batch_size=batch, instances=instances, engine_dir=engine_ref, device=device,
         max_queue_delay_microseconds=max_queue_delay_us, drop_ratio=manifest.pyramid.drop_ratio,
-        drop_layers=",".join(map(str, manifest.pyramid.layers)))
+        drop_layers=",".join(map(str, manifest.pyramid.layers)), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
+        max_queued_requests=max_queued_requests, kv_cache_memory_fraction=kv_cache_memory_fraction)
     validate_config(text)
     with staging_dir(output, force) as tmp:
         version = tmp / model_name / "1"

@@ -91,11 +91,11 @@ def parse_request(get: Getter) -> Job:
 
 
 def response_tensors(text: str, ids: list[int], output_tokens: int, prompt_tokens: int, image_tokens: int,
-                     stages: list, finish_reason: str, batch_size: int, times_ns: tuple[int, int, int]
+                     stages: list, finish_reason: str, stats: dict[str, int], times_ns: tuple[int, int, int]
                      ) -> dict[str, np.ndarray]:
     """The outputs of one response, each with a leading batch dimension of 1. `text` and `ids` are
     what this response adds (streaming) or the whole answer; `output_tokens` counts all so far;
-    `batch_size` is how many requests shared the engine call."""
+    `stats` is the scheduler's (Engine.stats): `batch_size` is the sequences running with this one."""
     arrival, first, last = times_ns
     return {
         "text_output": np.array([[text.encode("utf-8")]], dtype=np.object_),
@@ -107,7 +107,10 @@ def response_tensors(text: str, ids: list[int], output_tokens: int, prompt_token
         "stage_tokens_in": np.array([[s.tokens_in for s in stages]], dtype=np.int32).reshape(1, -1),
         "stage_tokens_kept": np.array([[s.tokens_kept for s in stages]], dtype=np.int32).reshape(1, -1),
         "finish_reason": np.array([[finish_reason.encode()]], dtype=np.object_),
-        "batch_size": np.array([[batch_size]], dtype=np.int32),
+        "batch_size": np.array([[stats["running"]]], dtype=np.int32),
+        "queue_length": np.array([[stats["queued"]]], dtype=np.int32),
+        "kv_blocks_used": np.array([[stats["kv_blocks_used"]]], dtype=np.int32),
+        "kv_blocks_free": np.array([[stats["kv_blocks_free"]]], dtype=np.int32),
         "arrival_time_ns": np.array([[arrival]], dtype=np.int64),
         "first_token_time_ns": np.array([[first]], dtype=np.int64),
         "last_token_time_ns": np.array([[last]], dtype=np.int64),

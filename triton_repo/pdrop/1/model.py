@@ -1,8 +1,10 @@
-"""Triton Python-backend model serving a pdrop engine (decoupled: streams one response per token).
+"""Triton Python-backend model serving a pdrop engine, batching in flight (decoupled).
 
-Requests that arrive together (dynamic batching) are validated one by one, then generated in one
-engine call: each prompt is prefilled on its own, all decode together. A bad request gets an
-error response; the others go on, and the server keeps serving.
+`execute` validates each request, hands it to the engine's scheduler and returns at once; the
+scheduler's thread generates every admitted request together, step by step, and sends each
+request's responses (one per token when streaming) from there. A bad request gets an error
+response; a cancelled one leaves at the next step and still gets its final flag; the server keeps
+serving.
 """
 import json
 import time
@@ -17,17 +19,34 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class _Live:
     """A request being generated: where its responses go and what it has produced so far."""
 
-    def __init__(self, sender, job, request):
-        self.sender, self.job, self.request = sender, job, request
-        self.batch = 1
-        self.tokens, self.first_ns, self.done = 0, 0, False
+    def __init__(self, engine, sender, job, request, arrival_ns):
+        self.engine, self.sender, self.job, self.request = engine, sender, job, request
+        self.arrival_ns, self.first_ns, self.tokens = arrival_ns, 0, 0
 
-    def send(self, text, ids, stages, finish, arrival, final):
+    def on_event(self, event):
+        """Called by the scheduler's thread with a Delta, or a PdropError for a failed request."""
+        if isinstance(event, Exception):
+            _fail(self.sender, str(event))
+            return
+        result = event.result
+        if result is not None and result.finish_reason == "cancelled":
+            self.sender.send(flags=FINAL)  # the client went away: no more text, but the stream must end
+            return
+        self.tokens += 1
+        self.first_ns = self.first_ns or time.time_ns()
+        if self.job.stream:  # one response per token, as tensorrtllm_backend streams
+            stages, finish = (result.stages, result.finish_reason) if result else ([], "")
+            self._send(event.text, [event.token_id], stages, finish, final=result is not None)
+        elif result is not None:
+            text = result.text if self.job.exclude_input else self.job.prompt + result.text
+            self._send(text, result.token_ids, result.stages, result.finish_reason, final=True)
+
+    def _send(self, text, ids, stages, finish, final):
         outputs = response_tensors(text, ids, self.tokens, self.request.prompt_tokens, self.request.image_tokens,
-                                   stages, finish, self.batch, (arrival, self.first_ns, time.time_ns()))
+                                   stages, finish, self.engine.stats(),
+                                   (self.arrival_ns, self.first_ns, time.time_ns()))
         response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
         self.sender.send(response, flags=FINAL if final else 0)
-        self.done = final
 
 
 def _input(request, name):
@@ -43,57 +62,32 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.engine = Engine.load(params["engine_dir"], device=params.get("device", "auto"))
+        self.engine = Engine.load(params["engine_dir"], device=params.get("device", "auto"),
+                                  kv_cache_tokens=int(params.get("kv_cache_tokens") or 0) or None,
+                                  kv_cache_memory_fraction=float(params.get("kv_cache_memory_fraction") or 0) or None,
+                                  scheduler=params.get("scheduler", "inflight"),
+                                  max_queued_requests=int(params.get("max_queued_requests") or 64))
         self.max_seq_len = self.engine.manifest.limits.max_seq_len
         built = self.engine.manifest.pyramid.drop_ratio
         declared = params.get("drop_ratio")
         if declared is None or float(declared) != built:  # what clients read must be what runs
             raise EngineError(f"config.pbtxt says drop_ratio {declared} but the engine was built with {built}: "
                               "run `python -m builder package` again")
+        self.engine.start_serving()
 
     def execute(self, requests):
-        arrival, t0 = time.time_ns(), time.perf_counter()
-        live = []
+        arrival = time.time_ns()
         for request in requests:
             sender = request.get_response_sender()
             try:
                 job = parse_request(lambda name: _input(request, name))
                 prepared = self.engine.prepare(job.prompt, job.image, job.params, job.drop_ratio)
                 check_budget(prepared.prompt_tokens, job.params.max_new_tokens, self.max_seq_len)
+                live = _Live(self.engine, sender, job, prepared, arrival)
+                self.engine.submit(prepared, live.on_event, is_cancelled=sender.is_cancelled)
             except PdropError as e:
                 _fail(sender, str(e))
-                continue
-            live.append(_Live(sender, job, prepared))
-        if live:
-            try:
-                self._generate(live, arrival, t0)
-            except Exception as e:  # never let one batch take the server down
-                pb_utils.Logger.log_error(f"pdrop: generation failed: {e!r}")
-                for item in live:
-                    if not item.done:
-                        _fail(item.sender, f"generation failed: {e}")
         return None
 
-    def _generate(self, live, arrival, t0):
-        for item in live:
-            item.batch = len(live)
-        stream = self.engine.stream_prepared([item.request for item in live], t0)
-        for delta in stream:
-            item = live[delta.index]
-            if item.done:
-                continue
-            if item.sender.is_cancelled():  # the client went away: stop answering it
-                item.done = True
-                if all(i.done for i in live):
-                    stream.close()
-                    return
-                continue
-            item.tokens += 1
-            item.first_ns = item.first_ns or time.time_ns()
-            result = delta.result
-            if item.job.stream:  # one response per token, as tensorrtllm_backend streams
-                stages, finish = (result.stages, result.finish_reason) if result else ([], "")
-                item.send(delta.text, [delta.token_id], stages, finish, arrival, final=result is not None)
-            elif result is not None:
-                text = result.text if item.job.exclude_input else item.job.prompt + result.text
-                item.send(text, result.token_ids, result.stages, result.finish_reason, arrival, final=True)
+    def finalize(self):
+        self.engine.stop_serving()  # what is still running ends as cancelled, with its final flag

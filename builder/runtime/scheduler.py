@@ -1,0 +1,323 @@
+"""The step scheduler: requests come and go between steps over one paged KV pool (in-flight batching).
+
+Each step: retire cancelled requests; admit waiting requests, oldest first, while a batch slot and
+the blocks for their whole answer are free; advance the oldest prefill by one pyramid stage (the
+drop needs the whole prompt at each boundary, so stages are the natural chunks); then one decode
+step for every sequence that has a token to feed. A sequence that ends (EOS, stop word, length,
+cancel) leaves at once and its blocks go back to the pool.
+
+Policy "static" is the baseline a server without in-flight batching gives: admit only when nothing
+runs, prefill everything admitted, decode until all have finished.
+
+Requests are submitted from any thread; `step` runs in one thread at a time (the caller's, or the
+scheduler's own after `start`). Events (Delta, or a PdropError for a request that failed) go to the
+callback given at submit.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..format.config import SCHEDULERS
+from ..format.errors import InputError, PdropError
+from . import flops
+from .paged_kv import BlockPool, SequenceKV, blocks_needed, layer_lengths
+from .pyramid import ImageSpan
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass
+class Delta:
+    """One streamed event: new text of request `index`; `result` is set on its last event."""
+    index: int
+    text: str
+    token_id: int | None
+    result: "Result | None" = None
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop word), "length" or "cancelled"
+    prompt_tokens: int
+    image_tokens: int
+    stages: list
+    timings: dict
+    flops: dict
+    layout: dict = field(default_factory=dict)  # image-token layout, for keep maps
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
+                "stages": [s.to_dict() for s in self.stages], "timings": self.timings, "flops": self.flops,
+                "layout": self.layout}
+
+
+class Generation:
+    """Decoding state of one request: its sampler, its tokens, the text streamed so far, stops."""
+
+    def __init__(self, tokenizer, params: SamplingParams, eos: set[int], budget: int, device):
+        self.tokenizer, self.params, self.eos, self.budget = tokenizer, params, eos, budget
+        bad = [tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words]
+        self.sampler = Sampler(params, device, eos, bad)
+        self.ids: list[int] = []
+        self.sent = 0
+        self.finish: str | None = None
+        self.text = ""
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.sampler(logits, self.ids)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        if token in self.eos:
+            self.finish = "stop"
+        text = self.tokenizer.decode([t for t in self.ids if t not in self.eos], skip_special_tokens=True)
+        for s in self.params.stop:
+            if s in text:
+                text, self.finish = text[:text.index(s)], "stop"
+        if self.finish is None and len(self.ids) >= self.budget:
+            self.finish = "length"
+        self.text = text
+        # hold back an incomplete UTF-8 character or a possible start of a stop word
+        end = len(text) if self.finish else len(text.rstrip("\ufffd")) - self._stop_prefix(text)
+        delta, self.sent = text[self.sent:max(end, self.sent)], max(end, self.sent)
+        return delta
+
+    def _stop_prefix(self, text: str) -> int:
+        return max((k for s in self.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+class Handle:
+    """A submitted request: cancel() it from any thread; `done` is set after its last event."""
+
+    def __init__(self, index: int, on_event: Callable, is_cancelled: Callable[[], bool] | None):
+        self.index, self.on_event, self._is_cancelled = index, on_event, is_cancelled
+        self.cancelled = False
+        self.done = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def wants_out(self) -> bool:
+        return self.cancelled or (self._is_cancelled is not None and self._is_cancelled())
+
+
+@dataclass
+class Sequence:
+    handle: Handle
+    req: object  # engine.Request
+    blocks: list[int]  # per layer, reserved at admission
+    t0: float  # when its preprocessing began
+    t_pre: float  # seconds of preprocessing (tokenizing, image tiles)
+    kv: SequenceKV | None = None
+    prefill: object = None  # model.Prefill while prefilling
+    gen: Generation | None = None
+    token: torch.Tensor | None = None  # the last sampled token, fed to the next decode step
+    layout: dict = field(default_factory=dict)
+    vision_s: float = 0.0
+    ttft: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, engine, pool: BlockPool, max_batch: int, max_queued: int = 64, policy: str = "inflight"):
+        if policy not in SCHEDULERS:
+            raise InputError(f"unknown scheduler '{policy}': choose {', '.join(SCHEDULERS)}")
+        self.engine, self.pool, self.max_batch, self.max_queued, self.policy = engine, pool, max_batch, max_queued, policy
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []  # admitted: prefilling or decoding, in admission order
+        self.lock = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+
+    # ---- submission (any thread) ----------------------------------------------------------
+
+    def blocks_for(self, req) -> list[int]:
+        cfg = self.engine.manifest.llm
+        lengths = layer_lengths(req.schedule, cfg.n_layers, req.prompt_tokens, req.image_tokens)
+        return blocks_needed(lengths, self.budget(req), self.pool.block_size)
+
+    def budget(self, req) -> int:
+        return min(req.params.max_new_tokens, self.engine.manifest.limits.max_seq_len - req.prompt_tokens)
+
+    def submit(self, req, on_event: Callable, index: int = 0, t0: float | None = None,
+               is_cancelled: Callable[[], bool] | None = None) -> Handle:
+        """Queue a prepared request; InputError at once when it can never fit or the queue is full."""
+        blocks = self.blocks_for(req)
+        if sum(blocks) > self.pool.num_blocks:
+            raise InputError(f"request needs {sum(blocks)} KV blocks ({req.prompt_tokens} prompt tokens + "
+                             f"{self.budget(req)} new); the pool has {self.pool.num_blocks}")
+        now = time.perf_counter()
+        handle = Handle(index, on_event, is_cancelled)
+        with self.lock:
+            if len(self.waiting) >= self.max_queued:
+                raise InputError(f"server busy: {len(self.waiting)} requests queued (--max-queued-requests); "
+                                 "retry later")
+            t0 = now if t0 is None else t0
+            self.waiting.append(Sequence(handle, req, blocks, t0, now - t0))
+            self.lock.notify()
+        return handle
+
+    def stats(self) -> dict[str, int]:
+        return {"queued": len(self.waiting), "running": len(self.active),
+                "kv_blocks_used": self.pool.num_blocks - self.pool.n_free, "kv_blocks_free": self.pool.n_free}
+
+    # ---- the step loop --------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        return not self.waiting and not self.active
+
+    def step(self) -> None:
+        self.retire_cancelled()
+        self.admit()
+        prefilling = [s for s in self.active if s.gen is None]
+        for s in prefilling[:1] if self.policy == "inflight" else prefilling:
+            self._prefill(s, whole=self.policy == "static")
+        self._decode([s for s in self.active if s.token is not None])
+
+    def retire_cancelled(self) -> None:
+        """Requests cancelled since the last step leave; their blocks go back to the pool."""
+        with self.lock:
+            gone = [s for s in self.waiting if s.handle.wants_out()]
+            for s in gone:
+                self.waiting.remove(s)
+        for s in gone + [s for s in self.active if s.handle.wants_out()]:
+            self._finish(s, "cancelled")
+
+    def admit(self) -> int:
+        """Admit waiting requests, oldest first, while a batch slot and their blocks are free; how many."""
+        admitted = 0
+        with self.lock:
+            if self.policy == "static" and self.active:
+                return 0
+            while (self.waiting and len(self.active) < self.max_batch
+                   and sum(self.waiting[0].blocks) <= self.pool.n_free):
+                s = self.waiting.popleft()
+                s.kv = SequenceKV.of(self.pool.allocate(sum(s.blocks)), s.blocks)
+                self.active.append(s)
+                admitted += 1
+        return admitted
+
+    def _prefill(self, s: Sequence, whole: bool) -> None:
+        engine, req = self.engine, s.req
+        try:
+            if s.prefill is None:
+                tv = time.perf_counter()
+                embeds, s.layout = engine.embed(req)
+                engine.sync()
+                s.vision_s = time.perf_counter() - tv
+                span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
+                s.prefill = engine.llm.start_prefill(embeds, s.kv, span, req.schedule)
+            while True:
+                engine.llm.prefill_stage(s.prefill)
+                if s.prefill.done or not whole:
+                    break
+            if not s.prefill.done:
+                return
+            p = req.params
+            eos = {p.end_id} if p.end_id is not None else set(engine.manifest.eos_token_ids)
+            s.gen = Generation(engine.tokenizer, p, eos, self.budget(req), engine.device)
+            s.token = s.gen.sample(engine.llm.output(engine.llm.norm(s.prefill.h[:, -1:])[0, -1]))
+            s.prefill.h = None  # the prompt's hidden states are in the KV cache now
+            engine.sync()
+            s.ttft = time.perf_counter() - s.t0
+        except PdropError as e:
+            self._fail(s, e)
+            return
+        self._emit(s, int(s.token))
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        if not seqs:
+            return
+        logits = self.engine.decoder.step(torch.stack([s.token for s in seqs]), [s.kv for s in seqs])
+        tokens = [s.gen.sample(logits[i]) for i, s in enumerate(seqs)]
+        for s, token, value in zip(seqs, tokens, torch.stack(tokens).tolist()):
+            s.token = token
+            self._emit(s, value)
+
+    def _emit(self, s: Sequence, token: int) -> None:
+        text = s.gen.add(token)
+        if s.gen.finish is None:
+            self._notify(s, Delta(s.handle.index, text, token))
+        else:
+            self._finish(s, s.gen.finish, Delta(s.handle.index, text, token))
+
+    def _finish(self, s: Sequence, reason: str, delta: Delta | None = None) -> None:
+        delta = delta or Delta(s.handle.index, "", None)
+        delta.result = self._result(s, reason)
+        self._notify(s, delta)  # while it still counts as running, with its blocks
+        if s in self.active:
+            self.active.remove(s)
+            self.pool.release(s.kv.block_ids())
+        s.handle.done.set()
+
+    def _fail(self, s: Sequence, error: PdropError) -> None:
+        if s in self.active:
+            self.active.remove(s)
+            self.pool.release(s.kv.block_ids())
+        self._notify(s, error)
+        s.handle.done.set()
+
+    def _notify(self, s: Sequence, event) -> None:
+        """Hand an event to the request's callback; a callback that fails (its client is gone) ends
+        that request at the next step, never the others."""
+        try:
+            s.handle.on_event(event)
+        except Exception:
+            s.handle.cancel()
+
+    def _result(self, s: Sequence, reason: str) -> Result:
+        req, gen = s.req, s.gen
+        total = time.perf_counter() - s.t0
+        ids = gen.ids if gen else []
+        decode_s = total - s.ttft if s.ttft else 0.0
+        n_text = req.prompt_tokens - req.image_tokens
+        return Result(
+            text=gen.text if gen else "", token_ids=ids, finish_reason=reason, prompt_tokens=req.prompt_tokens,
+            image_tokens=req.image_tokens, stages=s.prefill.stages if s.prefill else [], layout=s.layout,
+            timings={"preprocess_s": s.t_pre, "vision_s": s.vision_s,
+                     "prefill_s": max(0.0, s.ttft - s.t_pre - s.vision_s) if s.ttft else 0.0,
+                     "ttft_s": s.ttft, "decode_s": decode_s, "total_s": total,
+                     "decode_tokens_per_s": (len(ids) - 1) / decode_s if len(ids) > 1 and decode_s else 0.0},
+            flops=flops.report(self.engine.manifest.llm, req.schedule, req.image_tokens, n_text))
+
+    # ---- a thread of its own, for servers ---------------------------------------------------
+
+    def start(self) -> None:
+        """Step in a thread of our own from now on (a server's mode): callers only submit and wait."""
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="pdrop-scheduler", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop stepping after the current step; callers step themselves again."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.lock:
+                    while self.idle() and not self.stopping:
+                        self.lock.wait()
+                    if self.stopping:  # what is left ends as cancelled: every request gets its last event
+                        for s in [*self.waiting, *self.active]:
+                            s.handle.cancel()
+                if self.stopping:
+                    self.retire_cancelled()
+                    return
+                try:
+                    self.step()
+                except Exception as e:  # never let one step take the server down: fail what was running
+                    for s in list(self.active):
+                        self._fail(s, PdropError(f"generation failed: {e}"))
