@@ -30,11 +30,13 @@ def blocks_needed(lengths: list[int], max_new_tokens: int, block_size: int) -> l
 
 
 class BlockPool:
-    """The blocks of every layer: k, v (num_blocks + 1, n_kv_heads, block_size, head_dim)."""
+    """The blocks of every layer: k, v (num_blocks + 1, block_size, n_kv_heads, head_dim). Token-major
+    inside a block, so that a row's gathered blocks are one (tokens, heads, head_dim) run: attention
+    reads them through a transposed view, with no second copy."""
 
     def __init__(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
-        shape = (num_blocks + 1, n_kv_heads, block_size, head_dim)
+        shape = (num_blocks + 1, block_size, n_kv_heads, head_dim)
         # empty, so that pages never used cost no memory; blocks are zeroed when handed out, because
         # a masked slot still meets its value as 0 * v, and never-written memory may hold NaN
         self.k = torch.empty(shape, dtype=dtype, device=device)
@@ -131,11 +133,12 @@ class PagedLayerKV:
         table, length = self.batch.tables[self.index], self.batch.lengths[self.index]  # (B, W), (B,)
         rows = torch.arange(table.shape[0], device=table.device)
         block = table[rows, length // bs]
-        pool.k[block, :, length % bs] = k[:, :, 0]
-        pool.v[block, :, length % bs] = v[:, :, 0]
+        pool.k[block, length % bs] = k[:, :, 0]
+        pool.v[block, length % bs] = v[:, :, 0]
         b, w = table.shape
-        k_all = pool.k[table].transpose(1, 2).reshape(b, k.shape[1], w * bs, k.shape[-1])  # (B, n_kv, W*bs, hd)
-        v_all = pool.v[table].transpose(1, 2).reshape(b, v.shape[1], w * bs, v.shape[-1])
+        # index_select copies whole blocks (memcpy), several times faster than advanced indexing here
+        k_all = pool.k.index_select(0, table.flatten()).view(b, w * bs, *k.shape[1::2]).transpose(1, 2)
+        v_all = pool.v.index_select(0, table.flatten()).view(b, w * bs, *v.shape[1::2]).transpose(1, 2)
         keys = torch.arange(w * bs, device=table.device)
         mask = (keys[None, :] <= length[:, None])[:, None, None, :]  # (B, 1, 1, W*bs), the new token included
         return k_all, v_all, mask
@@ -145,8 +148,8 @@ class PagedLayerKV:
         n = math.ceil(length / bs)
         table = seq.tables[self.index, :n].to(k.device)
         for src, dst in ((k, self.pool.k), (v, self.pool.v)):
-            padded = torch.nn.functional.pad(src[0], (0, 0, 0, n * bs - length))  # (n_kv, n*bs, hd)
-            dst[table] = padded.view(src.shape[1], n, bs, -1).transpose(0, 1)  # (n, n_kv, bs, hd)
+            tokens = torch.nn.functional.pad(src[0].transpose(0, 1), (0, 0, 0, 0, 0, n * bs - length))
+            dst[table] = tokens.view(n, bs, *tokens.shape[1:])  # (n*bs, n_kv, hd) tokens as n blocks
         seq.lengths[self.index] = length
 
     def positions(self) -> torch.Tensor:
