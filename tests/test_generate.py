@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from builder.format.errors import InputError
-from builder.runtime.sampling import filter_logits
+from builder.runtime.sampling import SamplingParams, filter_logits
 
 PROMPT = "USER: <image>\nWhat is here? ASSISTANT:"
 
@@ -96,6 +97,12 @@ def test_bad_requests_are_refused(engine, images):
         engine.generate([PROMPT], [None])
     with pytest.raises(InputError, match="top_p"):
         engine.generate([PROMPT], [images[0]], top_p=0.0)
+    for end_id in (10**9, -5, engine.manifest.llm.vocab_size):
+        with pytest.raises(InputError, match=r"end_id must be a token id in \[0, 264\)"):
+            engine.prepare(PROMPT, images[0], SamplingParams(end_id=end_id, min_tokens=3))
+    for shape in ((0, 0, 3), (0, 5, 3), (5, 0, 3)):
+        with pytest.raises(InputError, match="H, W > 0"):
+            engine.generate([PROMPT], [np.zeros(shape, dtype=np.uint8)])
 
 
 def test_end_id_min_tokens_and_bad_words(engine, images):

@@ -171,6 +171,12 @@ BAD = {
     "max_tokens above limit": (request_inputs("USER: hi ASSISTANT:", 5000), "exceeds this engine's max_seq_len"),
     "drop_ratio 1.5": (request_inputs(PROMPT, 4, make_image(60, 90), drop_ratio=1.5), "drop ratio must be in"),
     "too long": (request_inputs("word " * 2000, 4), "max_input_len is 1536"),
+    "end_id out of vocabulary": (request_inputs(PROMPT, 4, make_image(60, 90), end_id=10**9, min_tokens=3),
+                                 "end_id must be a token id"),
+    "negative end_id": (request_inputs(PROMPT, 4, make_image(60, 90), end_id=-5), "end_id must be a token id"),
+    "empty image_bytes_input": (request_inputs(PROMPT, 4) + [tensor("image_bytes_input", np.zeros((1, 1, 0, 5, 3),
+                                                                                            dtype=np.uint8))],
+                                "H, W > 0"),
 }
 
 

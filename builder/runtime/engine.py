@@ -195,6 +195,9 @@ class Engine:
                 schedule: PyramidSchedule | None = None) -> Request:
         """Tokenize and check one request; `schedule` (e.g. a baseline) replaces the engine's."""
         params.validate()
+        vocab = self.manifest.llm.vocab_size
+        if params.end_id is not None and not 0 <= params.end_id < vocab:  # a negative index would wrap
+            raise InputError(f"end_id must be a token id in [0, {vocab}), got {params.end_id}")
         schedule = schedule or self.schedule(drop_ratio)
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")

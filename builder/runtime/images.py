@@ -15,8 +15,8 @@ def load_image(image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-            raise InputError(f"image array must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+            raise InputError(f"image array must be uint8 (H, W, 3) with H, W > 0, got {image.dtype} {image.shape}")
         return Image.fromarray(image)
     if isinstance(image, str) and image.startswith("data:image/"):
         try:
