@@ -254,8 +254,7 @@ class Engine:
             raise InputError(f"batch of {n} exceeds this engine's max_batch_size {self.manifest.limits.max_batch_size}")
         t0 = time.perf_counter()
         reqs = [self.prepare(p, im, sp, r) for p, im, sp, r in zip(prompts, images, params, ratios)]
-        with torch.inference_mode():
-            yield from self.stream_prepared(reqs, t0)
+        yield from self.stream_prepared(reqs, t0)  # it steps in inference mode, not the caller between deltas
 
     def generate(self, prompts: Sequence[str], images: Sequence | None = None, **kwargs) -> list[Result]:
         results: list[Result | None] = [None] * len(prompts)

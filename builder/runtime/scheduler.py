@@ -129,7 +129,8 @@ class Scheduler:
     def __init__(self, engine, pool: BlockPool, max_batch: int, max_queued: int = 64, policy: str = "inflight"):
         if policy not in SCHEDULERS:
             raise InputError(f"unknown scheduler '{policy}': choose {', '.join(SCHEDULERS)}")
-        self.engine, self.pool, self.max_batch, self.max_queued, self.policy = engine, pool, max_batch, max_queued, policy
+        self.engine, self.pool, self.policy = engine, pool, policy
+        self.max_batch, self.max_queued = max_batch, max_queued
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []  # admitted: prefilling or decoding, in admission order
         self.lock = threading.Condition()
@@ -251,17 +252,17 @@ class Scheduler:
     def _finish(self, s: Sequence, reason: str, delta: Delta | None = None) -> None:
         delta = delta or Delta(s.handle.index, "", None)
         delta.result = self._result(s, reason)
-        self._notify(s, delta)  # while it still counts as running, with its blocks
-        if s in self.active:
-            self.active.remove(s)
-            self.pool.release(s.kv.block_ids())
-        s.handle.done.set()
+        self._end(s, delta)
 
     def _fail(self, s: Sequence, error: PdropError) -> None:
+        self._end(s, error)
+
+    def _end(self, s: Sequence, event) -> None:
+        """The request's last event, sent while it still counts as running; then its blocks go back."""
+        self._notify(s, event)
         if s in self.active:
             self.active.remove(s)
             self.pool.release(s.kv.block_ids())
-        self._notify(s, error)
         s.handle.done.set()
 
     def _notify(self, s: Sequence, event) -> None:
