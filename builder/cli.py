@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .format.config import EXPORTS
+from .format.config import EXPORTS, Limits
 from .format.errors import ConfigError, PdropError
 
 
@@ -38,7 +38,7 @@ def cmd_build(args) -> int:
     from .convert.build import build_engine
     from .convert.checkpoint import open_checkpoint
     from .convert.presets import PRESETS, preset_checkpoint
-    from .format.config import Limits, PyramidSchedule
+    from .format.config import PyramidSchedule
     from .runtime.flops import report
     from .runtime.vision import largest_image_tokens
 
@@ -49,7 +49,8 @@ def cmd_build(args) -> int:
     schedule = PyramidSchedule.create(llm.n_layers, args.drop_ratio, layers)
     max_seq = args.max_seq_len or min(llm.max_position_embeddings, ckpt.sliding_window or llm.max_position_embeddings)
     # leave room for an answer: 512 tokens, or half the sequence on small models
-    limits = Limits(args.max_batch_size, args.max_input_len or max_seq - min(512, max_seq // 2), max_seq)
+    limits = Limits(args.max_batch_size, args.max_input_len or max_seq - min(512, max_seq // 2), max_seq,
+                    args.max_image_pixels)
     output = Path(args.output or f"engines/{Path(model).name}")
     archs = [a.strip() for a in args.cuda_archs.split(",")] if args.cuda_archs else None
     # trtllm-build reads the checkpoint; the vision ONNX is the multimodal runner's other half
@@ -68,7 +69,8 @@ def cmd_build(args) -> int:
         f = fl[kind]
         print(f"  prefill      {label:13} {_flops(f['no_drop'])} -> {_flops(f['drop'])} "
               f"({100 * (1 - f['ratio']):.1f}% less)")
-    print(f"  limits       batch {limits.max_batch_size}, input {limits.max_input_len}, seq {limits.max_seq_len}")
+    print(f"  limits       batch {limits.max_batch_size}, input {limits.max_input_len}, seq {limits.max_seq_len}, "
+          f"image {limits.max_image_pixels / 1e6:g} MP")
     plug = manifest.plugins
     print(f"  kernels      {plug['library']} (sm_{', sm_'.join(plug['archs'])}; PTX {plug['ptx']})" if plug["library"]
           else f"  kernels      none ({plug['reason']}): the drop runs on torch ops")
@@ -94,7 +96,7 @@ def cmd_run(args) -> int:
     if args.keep_map and not args.image:  # before loading and generating, not after
         raise ConfigError("--keep-map needs an --image")
     engine = Engine.load(args.engine, device=args.device)
-    image = load_image(args.image) if args.image else None
+    image = load_image(args.image, engine.manifest.limits.max_image_pixels) if args.image else None
     prompt = engine.chat_prompt(args.prompt, image is not None) if args.chat else args.prompt
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop=args.stop, drop_ratio=args.drop_ratio)
@@ -125,7 +127,8 @@ def cmd_package(args) -> int:
     model = package_repo(args.engine, args.output, args.model_name, args.instances, args.max_batch_size,
                          args.copy_engine, args.device, args.max_queue_delay_us, args.force, scheduler=args.scheduler,
                          kv_cache_tokens=args.kv_cache_tokens, max_queued_requests=args.max_queued_requests,
-                         kv_cache_memory_fraction=args.kv_cache_memory_fraction)
+                         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+                         decoupled=args.decoupled == "true")
     print(f"model repository written to {args.output} (model '{model.name}')")
     print(f"serve it:  python -m builder serve --repo {args.output}")
     print(f"or, in NVIDIA's Triton container (with pdrop installed):  tritonserver --model-repository={args.output}")
@@ -168,6 +171,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch-size", type=int, default=8)
     b.add_argument("--max-input-len", type=int, help="longest prompt, image tokens included")
     b.add_argument("--max-seq-len", type=int, help="prompt + output (default: the model's max positions)")
+    b.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels,
+                   help="larger images are refused before decoding (default: %(default)s)")
     b.add_argument("--output", help="engine directory (default engines/<model name>)")
     b.add_argument("--force", action="store_true", help="replace an existing output directory")
     b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
@@ -223,6 +228,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "(TensorRT-LLM's free_gpu_memory_fraction); 0: use --kv-cache-tokens")
     k.add_argument("--max-queued-requests", type=int, default=64,
                    help="waiting requests beyond this get 'server busy, retry later'")
+    k.add_argument("--decoupled", default="true", choices=["true", "false"],
+                   help="true (default): streaming, one response per token; false: for unary clients "
+                        "(ModelInfer), one response per request")
     k.add_argument("--force", action="store_true", help="replace an existing output directory")
     k.set_defaults(func=cmd_package)
 

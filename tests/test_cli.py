@@ -6,6 +6,7 @@ process (each subprocess pays ~4 s of imports), and are checked exactly the same
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import pytest
 from PIL import Image
 
 from builder.cli import main
+from builder.format.manifest import read_manifest, write_manifest
 from builder.runtime.engine import Engine
 from builder.runtime.keep_map import draw_keep_map
 
@@ -95,6 +98,9 @@ RUN_ERRORS = {
     "engine-missing": (["--engine", "{tmp}/no-such-engine", "--prompt", "hi"], "not an engine directory"),
     "engine-checksum": (["--engine", "{bad_sum}", "--prompt", "hi"], "checksum mismatch"),
     "engine-format-999": (["--engine", "{v999}", "--prompt", "hi"], "format version 999"),
+    "engine-manifest-edited": (["--engine", "{edited}", "--prompt", "hi"], "manifest.json does not match"),
+    "engine-unlisted-corrupt": (["--engine", "{unlisted}", "--prompt", "hi"], "not in the manifest"),
+    "engine-digest-missing": (["--engine", "{no_digest}", "--prompt", "hi"], "manifest.sha256 is missing"),
     "image-missing": (["--image", "{tmp}/no-such.png", "--prompt", "hi"], "image not found"),
     "image-text-file": (["--image", "{text}", "--prompt", "hi"], "unreadable image"),
     "prompt-too-long": (["--image", "{img}", "--prompt", " ".join(["word"] * 3000)], "max_input_len is 1536"),
@@ -154,7 +160,8 @@ def cases(hf_dir, engine_dir, tmp_path_factory):
 
     inputs = new_dir("run-inputs")
     paths = {"tmp": inputs, "img": write_png(inputs / "img.png"), "bomb": write_bomb_png(inputs / "bomb.png"),
-             "bad_sum": inputs / "bad-sum", "v999": inputs / "v999", "text": inputs / "notes.txt"}
+             "bad_sum": inputs / "bad-sum", "v999": inputs / "v999", "text": inputs / "notes.txt",
+             "edited": inputs / "edited", "unlisted": inputs / "unlisted", "no_digest": inputs / "no-digest"}
     paths["text"].write_text("this is not an image\n")
     shutil.copytree(engine_dir, paths["bad_sum"])
     with open(paths["bad_sum"] / "llm.safetensors", "r+b") as f:  # one byte flipped, size unchanged
@@ -162,8 +169,17 @@ def cases(hf_dir, engine_dir, tmp_path_factory):
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
-    shutil.copytree(engine_dir, paths["v999"])
-    edit_json(paths["v999"] / "manifest.json", lambda m: m.update(format_version=999))
+    for name in ("v999", "edited", "unlisted", "no_digest"):
+        shutil.copytree(engine_dir, paths[name])
+    manifest = read_manifest(engine_dir)
+    # as a newer builder writes it (its digest matches): only the version is wrong
+    write_manifest(paths["v999"], dataclasses.replace(manifest, format_version=999))
+    edit_json(paths["edited"] / "manifest.json", lambda m: m["pyramid"].update(drop_ratio=0.9))
+    # the weights dropped from the file list (the digest made to match) and then corrupted
+    write_manifest(paths["unlisted"], dataclasses.replace(
+        manifest, files={k: v for k, v in manifest.files.items() if k != "llm.safetensors"}))
+    (paths["unlisted"] / "llm.safetensors").write_bytes(b"\0" * 64)
+    (paths["no_digest"] / "manifest.sha256").unlink()
     for name, (args, _) in RUN_ERRORS.items():
         args = [a.format(**paths) if "{" in a else a for a in args]
         if "--engine" not in args:
@@ -254,8 +270,9 @@ def test_build_writes_an_engine_and_a_summary(happy, built):
     assert manifest["format_version"] == 1
     assert manifest["pyramid"] == {"layers": [2, 4, 6], "drop_ratio": 0.5, "method": "attention",
                                    "positions": "renumber", "seed": 0}
-    assert manifest["limits"] == {"max_batch_size": 8, "max_input_len": 1536, "max_seq_len": 2048}
-    assert sorted(manifest["files"]) == [n for n in names if n != "manifest.json"]
+    assert manifest["limits"] == {"max_batch_size": 8, "max_input_len": 1536, "max_seq_len": 2048,
+                                  "max_image_pixels": 50_000_000}
+    assert sorted(manifest["files"]) == [n for n in names if n not in ("manifest.json", "manifest.sha256")]
     out = p.stdout
     assert out.startswith("engine written to engine\n")
     assert "preset:demo" in out
@@ -391,3 +408,25 @@ def test_run_error_names_the_corrupt_file(cases, monkeypatch, capsys):
     p, _ = result(cases, "run:engine-checksum", monkeypatch, capsys)
     assert "llm.safetensors" in p.stderr and "rebuild" in p.stderr
 
+
+
+def test_a_build_removes_what_killed_builds_left_but_not_a_live_builds(tmp_path, monkeypatch, capsys):
+    leftover = []
+    for _ in range(5):  # SIGKILL while it stages (a build that wins the race finishes; try again)
+        killed = subprocess.Popen([sys.executable, "-m", "builder", "build", "--output", "out/engine", "--quiet",
+                                   "--force"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        while killed.poll() is None and not list((tmp_path / "out").glob(".engine.partial-*")):
+            time.sleep(0.005)
+        killed.kill()
+        killed.wait()
+        leftover = list((tmp_path / "out").glob(".engine.partial-*"))
+        if leftover:
+            break
+    assert len(leftover) == 1
+    shutil.rmtree(tmp_path / "out/engine", ignore_errors=True)
+    live = tmp_path / "out" / f".engine.partial-{os.getpid()}-abcd"  # this process is alive
+    live.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "--output", "out/engine", "--quiet"]) == 0
+    assert only_entries(tmp_path / "out") == sorted(["engine", live.name])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from builder.format.errors import InputError
-from builder.runtime.sampling import SamplingParams, filter_logits
+from builder.runtime.sampling import SamplingParams, filter_logits, penalize
 
 PROMPT = "USER: <image>\nWhat is here? ASSISTANT:"
 
@@ -46,6 +46,32 @@ def test_filter_logits_top_k_and_top_p():
     assert kept.tolist() == [False, True, True, False]
 
 
+def test_penalties_equal_hugging_face_and_the_formula():
+    """Repetition as transformers' RepetitionPenaltyLogitsProcessor (over prompt and answer);
+    presence and frequency as vLLM's (over the answer): logit -= presence + frequency * count."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=g)
+    prompt, answer = [3, 7, 7, 20], [7, 9, 9, 9, 41]
+    p = SamplingParams(repetition_penalty=1.3)
+    hf = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + answer]), logits[None].clone())[0]
+    assert torch.equal(penalize(logits, prompt, answer, p), hf)
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    expected = logits.clone()
+    for token in set(answer):
+        expected[token] -= 0.5 + 0.25 * answer.count(token)
+    assert torch.allclose(penalize(logits, prompt, answer, p), expected)
+    assert torch.equal(penalize(logits, prompt, answer, SamplingParams()), logits)
+
+
+def test_a_presence_penalty_stops_repeats(engine, images):
+    plain = engine.generate([PROMPT], [images[0]], max_new_tokens=16)[0].token_ids
+    assert len(set(plain)) < len(plain)  # this random model repeats itself
+    penalized = engine.generate([PROMPT], [images[0]], params=[SamplingParams(16, presence_penalty=1e4)])[0].token_ids
+    assert len(set(penalized)) == len(penalized) == 16
+
+
 def test_stop_string_truncates(engine, images):
     base = engine.generate([PROMPT], [images[0]], max_new_tokens=12)[0]
     stop = next(t for t in (engine.tokenizer.decode([i]) for i in base.token_ids[3:]) if t and t not in base.text[:2])
@@ -62,10 +88,13 @@ def test_eos_ends_generation(engine, images):
     engine.manifest.eos_token_ids = [eos]
     try:
         [r] = engine.generate([PROMPT], [images[0]], max_new_tokens=8)
+        # end_id -1 (TensorRT-LLM's "none"): no end token, the answer runs to its length
+        [endless] = engine.generate([PROMPT], [images[0]], params=[SamplingParams(8, end_id=-1)])
     finally:
         engine.manifest.eos_token_ids = saved
     assert r.finish_reason == "stop"
     assert r.token_ids == base[:base.index(eos) + 1]
+    assert endless.finish_reason == "length" and endless.token_ids == base
 
 
 def test_max_seq_len_caps_generation(engine, images):
@@ -98,11 +127,40 @@ def test_bad_requests_are_refused(engine, images):
     with pytest.raises(InputError, match="top_p"):
         engine.generate([PROMPT], [images[0]], top_p=0.0)
     for end_id in (10**9, -5, engine.manifest.llm.vocab_size):
-        with pytest.raises(InputError, match=r"end_id must be a token id in \[0, 264\)"):
+        with pytest.raises(InputError, match=r"end_id must be a token id in \[0, 264\) or -1"):
             engine.prepare(PROMPT, images[0], SamplingParams(end_id=end_id, min_tokens=3))
     for shape in ((0, 0, 3), (0, 5, 3), (5, 0, 3)):
         with pytest.raises(InputError, match="H, W > 0"):
             engine.generate([PROMPT], [np.zeros(shape, dtype=np.uint8)])
+    for bad in (dict(repetition_penalty=0.0), dict(presence_penalty=math.inf), dict(frequency_penalty=math.nan)):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            engine.prepare(PROMPT, images[0], SamplingParams(**bad))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: what a reader sees before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_oversized_prompts_and_images_are_refused_before_decoding(engine):
+    """A 10 MB prompt is refused by its byte length, before the tokenizer sees it; a 100-megapixel
+    image by the size in its header, before its pixels are decoded."""
+    limits = engine.manifest.limits
+    with pytest.raises(InputError, match=f"prompt is 10000000 bytes, more than {limits.max_input_len} tokens"):
+        engine.prepare("x" * 10_000_000, None, SamplingParams())
+    words = " ".join(["word"] * (limits.max_input_len + 64))  # under the byte bound, still too many tokens
+    assert len(words.encode()) < limits.max_input_len * engine.max_token_bytes
+    with pytest.raises(InputError, match=r"prompt is \d+ tokens"):
+        engine.prepare(words, None, SamplingParams())
+    with pytest.raises(InputError, match=r"image is 10000x10000 \(100.0 MP\), above this engine's limit of 50 MP"):
+        engine.prepare(PROMPT, png_header(10000, 10000), SamplingParams())
+    assert limits.max_image_pixels == 50_000_000
 
 
 def test_end_id_min_tokens_and_bad_words(engine, images):

@@ -33,7 +33,7 @@ ALLOWED = {
 # third-party packages a layer may not import
 BANNED = {"format": {"torch", "transformers", "safetensors", "tqdm"}, "client": {"torch", "transformers", "safetensors"}}
 # scripts that are clients of a server: they never load the runtime or torch
-CLIENT_SCRIPTS = ["scripts/bench_grpc.py", "scripts/make_pa_input.py"]
+CLIENT_SCRIPTS = ["scripts/bench_grpc.py", "scripts/make_pa_input.py", "scripts/soak_grpc.py"]
 TRITON_MODEL = "triton_repo/pdrop/1/model.py"
 # what a client script may use to package and start a server of its own (neither loads the runtime)
 SERVER_TOOLS = ("builder.serve.launcher", "builder.serve.package")

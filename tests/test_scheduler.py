@@ -155,7 +155,7 @@ def test_never_written_pool_memory_cannot_leak_into_answers(fresh, engine, image
     poisoned = fresh()
     poisoned.pool.k.fill_(float("nan"))
     poisoned.pool.v.fill_(float("nan"))
-    poisoned.pool._zero([0])  # as the pool leaves its null block
+    poisoned.pool.k[0], poisoned.pool.v[0] = 0, 0  # as the pool leaves its null block
     prompts, imgs = [PROMPT, "USER: hi ASSISTANT:", PROMPT], [images[0], None, images[4]]
     kw = dict(max_new_tokens=6, temperature=1.0, seed=3)
     got = poisoned.generate(prompts, imgs, **kw)

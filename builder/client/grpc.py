@@ -18,7 +18,10 @@ from PIL import Image
 # optional inputs and their numpy types (as the model's config.pbtxt declares them)
 OPTIONAL = {"temperature": np.float32, "top_p": np.float32, "top_k": np.int32, "end_id": np.int32,
             "pad_id": np.int32, "min_tokens": np.int32, "min_length": np.int32, "seed": np.uint64,
-            "exclude_input_in_output": np.bool_, "drop_ratio": np.float32}
+            "exclude_input_in_output": np.bool_, "drop_ratio": np.float32, "repetition_penalty": np.float32,
+            "presence_penalty": np.float32, "frequency_penalty": np.float32, "length_penalty": np.float32,
+            "beam_width": np.int32, "num_return_sequences": np.int32, "return_log_probs": np.bool_,
+            "prompt_table_extra_id": np.uint64}
 
 
 def data_url(image) -> str:

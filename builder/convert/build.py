@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..format.atomic import staging_dir
 from ..format.config import DTYPES, EXPORTS, Limits, PyramidSchedule
 from ..format.errors import ConfigError, PdropError
-from ..format.manifest import LLM_WEIGHTS, MANIFEST, VISION_WEIGHTS, Manifest, checksum_dir
+from ..format.manifest import LLM_WEIGHTS, VISION_WEIGHTS, Manifest, checksum_dir, write_manifest
 from .checkpoint import Checkpoint
 
 
@@ -163,5 +163,5 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
             image_token_id=ckpt.hf_config.image_token_id, eos_token_ids=eos_ids(ckpt),
             source={"checkpoint": ckpt.source, "fingerprint": ckpt.fingerprint}, files=checksum_dir(tmp),
             plugins=plugin_record, exports=records)
-        (tmp / MANIFEST).write_text(manifest.to_json())
+        write_manifest(tmp, manifest)
     return manifest, params

@@ -1,6 +1,7 @@
 """Directories that appear whole or not at all: staged beside the target, renamed into place."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import tempfile
@@ -16,7 +17,8 @@ def staging_dir(output: Path, force: bool):
     if output.exists() and not force:
         raise ConfigError(f"output {output} exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    remove_stale(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; an engine is meant to be shared
 
     def on_term(signum, frame):
@@ -37,3 +39,23 @@ def staging_dir(output: Path, force: bool):
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def remove_stale(output: Path) -> None:
+    """Remove what killed builds of `output` left beside it (their staging and replaced directories
+    carry the builder's pid); those of a build still running stay."""
+    for kind in ("partial", f"old-.{output.name}.partial"):
+        for leftover in output.parent.glob(f".{output.name}.{kind}-*"):
+            pid = leftover.name[len(f".{output.name}.{kind}-"):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -155,10 +155,14 @@ class Limits:
     max_batch_size: int
     max_input_len: int
     max_seq_len: int
+    # larger images are refused before they are decoded; LLaVA-NeXT resizes every image to a grid of
+    # at most ~0.5 MP, and 50 MP still takes any camera's photo
+    max_image_pixels: int = 50_000_000
 
     def validate(self, llm: LLMConfig, sliding_window: int | None) -> None:
-        if min(self.max_batch_size, self.max_input_len, self.max_seq_len) < 1:
-            raise ConfigError("--max-batch-size, --max-input-len and --max-seq-len must be positive")
+        if min(self.max_batch_size, self.max_input_len, self.max_seq_len, self.max_image_pixels) < 1:
+            raise ConfigError("--max-batch-size, --max-input-len, --max-seq-len and --max-image-pixels must be "
+                              "positive")
         if self.max_input_len >= self.max_seq_len:
             raise ConfigError(
                 f"--max-input-len ({self.max_input_len}) must be below --max-seq-len ({self.max_seq_len})")

@@ -2,6 +2,7 @@
 
     manifest.json       format version, model configs, pyramid schedule, dtype, limits, source
                         fingerprint, sha256 of every other file, builder version
+    manifest.sha256     sha256 of manifest.json (`sha256sum -c manifest.sha256` checks it too)
     llm.safetensors     decoder weights, fused wqkv and w13 (gate, up), (out, in) layout
     libpdrop_plugins.so the drop's CUDA kernels (when nvcc was there at build time)
     vision.safetensors  CLIP tower (`tower.*`), projector (`projector.*`), `image_newline`
@@ -22,6 +23,9 @@ from .errors import EngineError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+DIGEST = "manifest.sha256"
+# trtllm-build's engine folder: written after the manifest, and never read by the runtime
+UNLISTED = ("llm",)
 LLM_WEIGHTS = "llm.safetensors"
 VISION_WEIGHTS = "vision.safetensors"
 
@@ -72,21 +76,44 @@ def sha256_file(path: Path) -> str:
 
 
 def checksum_dir(path: Path) -> dict[str, str]:
-    """sha256 of every file but the manifest, keyed by its path relative to `path` ('vision/model.onnx')."""
-    return {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*"))
-            if p.is_file() and p != path / MANIFEST}
+    """sha256 of every file but the manifest and its digest, keyed by its path relative to `path`
+    ('vision/model.onnx')."""
+    return {name: sha256_file(path / name) for name in _files(path)}
+
+
+def _files(path: Path) -> list[str]:
+    return [p.relative_to(path).as_posix() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST, DIGEST) and p.relative_to(path).parts[0] not in UNLISTED]
+
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
+    """manifest.json and, beside it, its sha256 in `sha256sum` format."""
+    text = manifest.to_json()
+    (path / MANIFEST).write_text(text)
+    (path / DIGEST).write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  {MANIFEST}\n")
 
 
 def read_manifest(path: str | Path, verify: bool = True) -> Manifest:
-    """Read and check an engine directory: manifest version and, with verify, every file's sha256."""
+    """Read and check an engine directory: the manifest against its digest, its version and, with
+    verify, that every file is listed in it and matches its sha256."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise EngineError(f"not an engine directory (no {MANIFEST}): {path}")
+    if not (path / DIGEST).is_file():
+        raise EngineError(f"engine incomplete: {path / DIGEST} is missing; rebuild the engine")
+    raw = (path / MANIFEST).read_bytes()
+    if (path / DIGEST).read_text().split(" ")[0].strip() != hashlib.sha256(raw).hexdigest():
+        raise EngineError(f"{path / MANIFEST} does not match {DIGEST}: it was changed after the build; "
+                          "the engine is corrupt, rebuild it")
     try:
-        manifest = Manifest.from_json((path / MANIFEST).read_text())
+        manifest = Manifest.from_json(raw.decode())
     except (ValueError, KeyError, TypeError) as e:
         raise EngineError(f"corrupt {MANIFEST} in {path}: {e}") from None
     if verify:
+        unlisted = sorted(set(_files(path)) - set(manifest.files))
+        if unlisted:
+            raise EngineError(f"engine file not in the manifest: {path / unlisted[0]}: the engine is corrupt; "
+                              "rebuild it")
         for name, digest in manifest.files.items():
             f = path / name
             if not f.is_file():

@@ -51,7 +51,7 @@ class GraphDecoder(EagerDecoder):
     def run(self, tokens: torch.Tensor, seqs: list[SequenceKV]) -> torch.Tensor:
         rows = 1 << math.ceil(math.log2(len(seqs)))
         width = math.ceil(max(s.tables.shape[1] for s in seqs) / self.width_bucket) * self.width_bucket
-        batch = DecodeBatch.of(seqs, rows, tokens.device, width)
+        batch = DecodeBatch.of(seqs, rows, tokens.device, width, in_place=False)
         padded = torch.zeros(rows, dtype=tokens.dtype, device=tokens.device)
         padded[:len(seqs)] = tokens
         key = (rows, width)

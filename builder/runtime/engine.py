@@ -93,6 +93,9 @@ class Engine:
                  kv_cache_memory_fraction: float | None = None):
         self.path, self.manifest, self.llm, self.vision = path, manifest, llm, vision
         self.processor, self.tokenizer, self.device = processor, processor.tokenizer, device
+        # no token stands for more prompt bytes than its vocabulary string takes (spaces and raw
+        # bytes are spelled longer there), so a prompt longer than this many bytes a token is too long
+        self.max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
         self.dtype = llm.output.weight.dtype
         cfg, limits = manifest.llm, manifest.limits
         tokens = kv_cache_tokens or self._pool_tokens(kv_cache_memory_fraction, block_size)
@@ -196,18 +199,22 @@ class Engine:
         """Tokenize and check one request; `schedule` (e.g. a baseline) replaces the engine's."""
         params.validate()
         vocab = self.manifest.llm.vocab_size
-        if params.end_id is not None and not 0 <= params.end_id < vocab:  # a negative index would wrap
-            raise InputError(f"end_id must be a token id in [0, {vocab}), got {params.end_id}")
+        if params.end_id is not None and not -1 <= params.end_id < vocab:  # a negative index would wrap
+            raise InputError(f"end_id must be a token id in [0, {vocab}) or -1 (none), got {params.end_id}")
         schedule = schedule or self.schedule(drop_ratio)
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        limit = self.manifest.limits.max_input_len
+        if len(prompt.encode()) > limit * self.max_token_bytes:  # refused before tokenizing it
+            raise InputError(f"prompt is {len(prompt.encode())} bytes, more than {limit} tokens can hold "
+                             f"(at most {self.max_token_bytes} bytes each); this engine's max_input_len is {limit}")
         if image is None:
             if IMAGE in prompt:
                 raise InputError(f"the prompt has {IMAGE} but no image was given")
             ids = self.tokenizer(prompt, return_tensors="pt").input_ids[0]
             req = Request(ids, params, schedule)
         else:
-            image = load_image(image)
+            image = load_image(image, self.manifest.limits.max_image_pixels)
             if IMAGE not in prompt:
                 prompt = f"{IMAGE}\n{prompt}"
             if prompt.count(IMAGE) > 1:
@@ -216,7 +223,6 @@ class Engine:
             ids = enc.input_ids[0]
             where = (ids == self.manifest.image_token_id).nonzero()[:, 0]
             req = Request(ids, params, schedule, image, enc.pixel_values[0], int(where[0]), where.numel())
-        limit = self.manifest.limits.max_input_len
         if req.input_ids.numel() > limit:
             raise InputError(f"prompt is {req.input_ids.numel()} tokens ({req.n_image} of them image tokens); "
                              f"this engine's max_input_len is {limit}")

@@ -50,8 +50,7 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = apply_rope(self.split_heads(q, cfg.n_heads), *rope)
         k = apply_rope(self.split_heads(k, cfg.n_kv_heads), *rope)
-        k, v, mask = self.kv_cache.update(k, self.split_heads(v, cfg.n_kv_heads), row)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        y = self.kv_cache.attend(q, k, self.split_heads(v, cfg.n_kv_heads), row)
         b, _, t, _ = y.shape
         return self.wo(y.transpose(1, 2).reshape(b, t, cfg.q_size))
 

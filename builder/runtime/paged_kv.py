@@ -31,8 +31,9 @@ def blocks_needed(lengths: list[int], max_new_tokens: int, block_size: int) -> l
 
 class BlockPool:
     """The blocks of every layer: k, v (num_blocks + 1, block_size, n_kv_heads, head_dim). Token-major
-    inside a block, so that a row's gathered blocks are one (tokens, heads, head_dim) run: attention
-    reads them through a transposed view, with no second copy."""
+    inside a block, so that a run of consecutive blocks is one (tokens, heads, head_dim) tensor that
+    decode attention reads in place, through a view. Allocation is first fit: a request's blocks are
+    one run of consecutive ids whenever the pool has a hole that large."""
 
     def __init__(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
@@ -42,31 +43,37 @@ class BlockPool:
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.block_size, self.num_blocks = block_size, num_blocks
-        self.free_ids = list(range(num_blocks, 0, -1))  # a stack; 0 is the null block
-        self._zero([0])
-
-    @property
-    def n_free(self) -> int:
-        return len(self.free_ids)
+        self.free = torch.ones(num_blocks + 1, dtype=torch.bool)  # host-side; 0 is the null block
+        self.free[0] = False
+        self.n_free = num_blocks
+        self._zero(torch.zeros(1, dtype=torch.long))
 
     @property
     def block_bytes(self) -> int:
         return 2 * self.k[0].numel() * self.k.element_size()
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self.free_ids):
-            raise RuntimeError(f"KV pool: {n} blocks asked, {len(self.free_ids)} free")  # callers check first
-        taken, self.free_ids = self.free_ids[len(self.free_ids) - n:], self.free_ids[:len(self.free_ids) - n]
+        """n block ids, ascending: the first run of n free consecutive blocks, else the n lowest free."""
+        if n > self.n_free:
+            raise RuntimeError(f"KV pool: {n} blocks asked, {self.n_free} free")  # callers check first
+        edges = torch.diff(self.free.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
+                           append=torch.zeros(1, dtype=torch.int8))
+        starts, ends = (edges == 1).nonzero()[:, 0], (edges == -1).nonzero()[:, 0]
+        fits = (ends - starts >= n).nonzero()[:, 0]
+        taken = (torch.arange(n) + starts[fits[0]] if len(fits) else self.free.nonzero()[:n, 0])
+        self.free[taken] = False
+        self.n_free -= n
         self._zero(taken)
-        return taken
+        return taken.tolist()
 
-    def _zero(self, ids: list[int]) -> None:
-        index = torch.tensor(ids, dtype=torch.long, device=self.k.device)
-        self.k.index_fill_(0, index, 0)
-        self.v.index_fill_(0, index, 0)
+    def _zero(self, ids: torch.Tensor) -> None:
+        ids = ids.to(self.k.device)
+        self.k.index_fill_(0, ids, 0)
+        self.v.index_fill_(0, ids, 0)
 
     def release(self, ids: list[int]) -> None:
-        self.free_ids.extend(ids)
+        self.free[ids] = True
+        self.n_free += len(ids)
 
 
 @dataclass
@@ -76,16 +83,20 @@ class SequenceKV:
     n_blocks: list[int]  # blocks of each layer
     lengths: list[int]  # tokens written per layer
     offsets: list[int]  # per layer: added to the length to give a decode token's RoPE position
+    runs: list[int | None]  # per layer: its first block when its blocks are consecutive, else None
 
     @classmethod
     def of(cls, ids: list[int], n_blocks: list[int]) -> "SequenceKV":
         """Blocks `ids` dealt out to the layers, n_blocks[i] to layer i."""
         tables = torch.zeros(len(n_blocks), max(n_blocks), dtype=torch.long)
+        runs: list[int | None] = []
         at = 0
         for layer, n in enumerate(n_blocks):
-            tables[layer, :n] = torch.tensor(ids[at:at + n])
+            mine = ids[at:at + n]
+            tables[layer, :n] = torch.tensor(mine)
+            runs.append(mine[0] if mine == list(range(mine[0], mine[0] + n)) else None)
             at += n
-        return cls(tables, list(n_blocks), [0] * len(n_blocks), [0] * len(n_blocks))
+        return cls(tables, list(n_blocks), [0] * len(n_blocks), [0] * len(n_blocks), runs)
 
     def block_ids(self) -> list[int]:
         return [i for layer, n in enumerate(self.n_blocks) for i in self.tables[layer, :n].tolist()]
@@ -97,10 +108,13 @@ class DecodeBatch:
     tables: torch.Tensor  # (n_layers, B, width)
     lengths: torch.Tensor  # (n_layers, B): tokens already cached; the new token goes there
     offsets: torch.Tensor  # (n_layers, B)
+    # the rows' host bookkeeping, when attention may read their blocks in place (a loop over rows);
+    # None in a CUDA graph, whose static shapes gather every row's padded table instead
+    seqs: list[SequenceKV] | None
 
     @classmethod
-    def of(cls, seqs: list[SequenceKV], n_rows: int, device: torch.device, width: int | None = None
-           ) -> "DecodeBatch":
+    def of(cls, seqs: list[SequenceKV], n_rows: int, device: torch.device, width: int | None = None,
+           in_place: bool = True) -> "DecodeBatch":
         """The batch of `seqs`, padded to n_rows rows and to tables `width` blocks wide (default: the widest)."""
         width = width or max(s.tables.shape[1] for s in seqs)
         n_layers = seqs[0].tables.shape[0]
@@ -111,7 +125,7 @@ class DecodeBatch:
             tables[:, row, :s.tables.shape[1]] = s.tables
             lengths[:, row] = torch.tensor(s.lengths)
             offsets[:, row] = torch.tensor(s.offsets)
-        return cls(tables.to(device), lengths.to(device), offsets.to(device))
+        return cls(tables.to(device), lengths.to(device), offsets.to(device), seqs if in_place else None)
 
 
 class PagedLayerKV:
@@ -121,27 +135,46 @@ class PagedLayerKV:
         self.pool, self.index = pool, index
         self.batch: DecodeBatch | None = None  # set for each decode step by the decoder
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, seq: SequenceKV | None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Prefill of `seq` (k, v: (1, n_kv, L, hd)): written to its blocks, attention over them
-        causal. Decode (seq None; k, v: (B, n_kv, 1, hd)): written at each row's length, attention
-        over each row's blocks gathered, masked past its length."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceKV | None) -> torch.Tensor:
+        """Prefill of `seq` (q, k, v: (1, heads, L, hd)): k, v written to its blocks, attention causal.
+        Decode (seq None; (B, heads, 1, hd)): k, v written at each row's length, each row attending
+        to its own blocks up to and including the new token."""
         if seq is not None:
             self.fill(seq, k, v)
-            return k, v, None
+            return sdpa(q, k, v, causal=True)
         pool, bs = self.pool, self.pool.block_size
         table, length = self.batch.tables[self.index], self.batch.lengths[self.index]  # (B, W), (B,)
         rows = torch.arange(table.shape[0], device=table.device)
         block = table[rows, length // bs]
         pool.k[block, length % bs] = k[:, :, 0]
         pool.v[block, length % bs] = v[:, :, 0]
+        if self.batch.seqs is None:
+            return self._attend_gathered(q, table, length)
+        return torch.cat([self._attend_row(q[row:row + 1], s) for row, s in enumerate(self.batch.seqs)])
+
+    def _attend_row(self, q: torch.Tensor, seq: SequenceKV) -> torch.Tensor:
+        """One row's attention over its keys and values read in place when its blocks are one run (a
+        view; the common case, see BlockPool.allocate), else copied out of its blocks."""
+        i = self.index
+        first, n_blocks, n = seq.runs[i], seq.n_blocks[i], seq.lengths[i] + 1
+        if first is None:
+            ids = seq.tables[i, :n_blocks].to(self.pool.k.device)
+            k, v = self.pool.k.index_select(0, ids), self.pool.v.index_select(0, ids)
+        else:
+            k, v = self.pool.k[first:first + n_blocks], self.pool.v[first:first + n_blocks]
+        k, v = (t.flatten(0, 1)[:n].transpose(0, 1)[None] for t in (k, v))  # (1, n_kv, n, hd)
+        return sdpa(q, k, v, causal=False)
+
+    def _attend_gathered(self, q: torch.Tensor, table: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """Every row's padded table gathered (index_select copies whole blocks) and masked past its
+        length: static shapes, for CUDA graphs."""
+        pool, bs = self.pool, self.pool.block_size
         b, w = table.shape
-        # index_select copies whole blocks (memcpy), several times faster than advanced indexing here
-        k_all = pool.k.index_select(0, table.flatten()).view(b, w * bs, *k.shape[1::2]).transpose(1, 2)
-        v_all = pool.v.index_select(0, table.flatten()).view(b, w * bs, *v.shape[1::2]).transpose(1, 2)
+        k, v = (t.index_select(0, table.flatten()).view(b, w * bs, *t.shape[2:]).transpose(1, 2)
+                for t in (pool.k, pool.v))
         keys = torch.arange(w * bs, device=table.device)
         mask = (keys[None, :] <= length[:, None])[:, None, None, :]  # (B, 1, 1, W*bs), the new token included
-        return k_all, v_all, mask
+        return sdpa(q, k, v, mask=mask)
 
     def fill(self, seq: SequenceKV, k: torch.Tensor, v: torch.Tensor) -> None:
         length, bs = k.shape[2], self.pool.block_size
@@ -160,6 +193,11 @@ class PagedLayerKV:
 class NoCache:
     """Attention over just the keys given, causal, nothing stored: training and cache-less passes."""
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, seq: SequenceKV | None
-               ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        return k, v, None
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceKV | None) -> torch.Tensor:
+        return sdpa(q, k, v, causal=True)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                            enable_gqa=True)

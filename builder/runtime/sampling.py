@@ -1,5 +1,5 @@
 """Per-request sampling parameters and next-token selection: greedy, temperature, top-k, top-p,
-minimum length and banned words."""
+repetition / presence / frequency penalties, minimum length and banned words."""
 from __future__ import annotations
 
 import math
@@ -18,9 +18,14 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    end_id: int | None = None  # replaces the engine's EOS ids for this request
+    end_id: int | None = None  # replaces the engine's EOS ids for this request; -1: none (TensorRT-LLM's)
     min_tokens: int = 0  # EOS is banned until this many tokens were generated
     bad_words: list[str] = field(default_factory=list)  # never generated (as token sequences)
+    # as vLLM and Hugging Face apply them: repetition over the prompt's and the answer's tokens
+    # (positive logits divided, negative multiplied), presence and frequency over the answer's
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -36,6 +41,11 @@ class SamplingParams:
                 raise InputError(f"{name} must be non-empty strings, got {getattr(self, name)!r}")
         if self.min_tokens < 0:
             raise InputError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InputError(f"{name} must be a finite number, got {getattr(self, name)}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -52,11 +62,26 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-class Sampler:
-    """One per request: its parameters, its EOS ids, its banned token sequences, its own generator."""
+def penalize(logits: torch.Tensor, prompt: list[int], answer: list[int], p: SamplingParams) -> torch.Tensor:
+    """(vocab,) logits with the request's repetition, presence and frequency penalties applied."""
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(answer)), dtype=torch.long, device=logits.device)
+        hit = logits[seen]
+        logits = logits.index_copy(0, seen, torch.where(hit > 0, hit / p.repetition_penalty,
+                                                        hit * p.repetition_penalty))
+    if answer and (p.presence_penalty or p.frequency_penalty):
+        ids, counts = torch.tensor(answer, device=logits.device).unique(return_counts=True)
+        logits = logits.index_add(0, ids, -(p.presence_penalty + p.frequency_penalty * counts).to(logits.dtype))
+    return logits
 
-    def __init__(self, params: SamplingParams, device: torch.device, eos: set[int], bad: list[list[int]]):
-        self.params, self.eos, self.bad = params, sorted(eos), [b for b in bad if b]
+
+class Sampler:
+    """One per request: its parameters, its prompt and EOS ids, its banned token sequences, its own
+    generator."""
+
+    def __init__(self, params: SamplingParams, device: torch.device, eos: set[int], bad: list[list[int]],
+                 prompt: list[int]):
+        self.params, self.eos, self.bad, self.prompt = params, sorted(eos), [b for b in bad if b], prompt
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -67,6 +92,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
         """(vocab,) logits and the tokens generated so far -> 0-d next token id tensor."""
+        logits = penalize(logits, self.prompt, history, self.params)
         banned = [seq[-1] for seq in self.bad if history[len(history) - len(seq) + 1:] == seq[:-1]]
         if len(history) < self.params.min_tokens:
             banned += self.eos

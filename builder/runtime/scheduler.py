@@ -62,10 +62,10 @@ class Result:
 class Generation:
     """Decoding state of one request: its sampler, its tokens, the text streamed so far, stops."""
 
-    def __init__(self, tokenizer, params: SamplingParams, eos: set[int], budget: int, device):
+    def __init__(self, tokenizer, params: SamplingParams, eos: set[int], budget: int, device, prompt: list[int]):
         self.tokenizer, self.params, self.eos, self.budget = tokenizer, params, eos, budget
         bad = [tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words]
-        self.sampler = Sampler(params, device, eos, bad)
+        self.sampler = Sampler(params, device, eos, bad, prompt)
         self.ids: list[int] = []
         self.sent = 0
         self.finish: str | None = None
@@ -222,8 +222,8 @@ class Scheduler:
             if not s.prefill.done:
                 return
             p = req.params
-            eos = {p.end_id} if p.end_id is not None else set(engine.manifest.eos_token_ids)
-            s.gen = Generation(engine.tokenizer, p, eos, self.budget(req), engine.device)
+            eos = set(engine.manifest.eos_token_ids) if p.end_id is None else {p.end_id} - {-1}
+            s.gen = Generation(engine.tokenizer, p, eos, self.budget(req), engine.device, req.input_ids.tolist())
             s.token = s.gen.sample(engine.llm.output(engine.llm.norm(s.prefill.h[:, -1:])[0, -1]))
             s.prefill.h = None  # the prompt's hidden states are in the KV cache now
             engine.sync()

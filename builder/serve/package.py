@@ -33,11 +33,12 @@ def validate_config(text: str) -> None:
 def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdrop", instances: int = 1,
                  max_batch_size: int | None = None, copy_engine: bool = False, device: str = "auto",
                  max_queue_delay_us: int = 2000, force: bool = False, scheduler: str = "inflight",
-                 kv_cache_tokens: int = 0, max_queued_requests: int = 64, kv_cache_memory_fraction: float = 0.0
-                 ) -> Path:
+                 kv_cache_tokens: int = 0, max_queued_requests: int = 64, kv_cache_memory_fraction: float = 0.0,
+                 decoupled: bool = True) -> Path:
     """Write a model repository serving `engine`; returns the model's directory. `scheduler`,
     `kv_cache_tokens` (0: the engine's default pool), `kv_cache_memory_fraction` (CUDA; 0: unused)
-    and `max_queued_requests` configure the engine's in-flight batching (Engine.load)."""
+    and `max_queued_requests` configure the engine's in-flight batching (Engine.load). `decoupled`
+    False serves unary clients (ModelInfer): one response per request, no streaming."""
     engine, output = Path(engine).resolve(), Path(output).resolve()
     manifest = read_manifest(engine, verify=True)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name):
@@ -62,7 +63,8 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
         model_name=model_name, max_batch_size=batch, instances=instances, engine_dir=engine_ref, device=device,
         max_queue_delay_microseconds=max_queue_delay_us, drop_ratio=manifest.pyramid.drop_ratio,
         drop_layers=",".join(map(str, manifest.pyramid.layers)), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
-        max_queued_requests=max_queued_requests, kv_cache_memory_fraction=kv_cache_memory_fraction)
+        max_queued_requests=max_queued_requests, kv_cache_memory_fraction=kv_cache_memory_fraction,
+        decoupled=str(decoupled).lower())
     validate_config(text)
     with staging_dir(output, force) as tmp:
         version = tmp / model_name / "1"

@@ -1,9 +1,11 @@
 """Triton request and response tensors <-> engine calls, in plain numpy (no Triton import).
 
-Input names and types follow tensorrtllm_backend's multimodal ensemble (text_input, max_tokens,
-image_url_input, image_bytes_input, stream, temperature, top_p, top_k, end_id, pad_id, min_tokens,
-seed, stop_words, bad_words, exclude_input_in_output, min_length), plus `drop_ratio`. Each
-tensor has the batch dimension first (max_batch_size > 0), so a scalar arrives as [[x]].
+The inputs are tensorrtllm_backend's multimodal ensemble's, all of them (its clients send some
+always, e.g. beam_width), plus min_length, exclude_input_in_output and num_return_sequences of its
+text ensemble, and our `drop_ratio`. Each tensor has the batch dimension first (max_batch_size >
+0), so a scalar arrives as [[x]]. What pdrop does not implement is refused by name when a request
+asks for it, except the inputs that cannot change the answer. `text_output` goes back with shape
+[1] (one string per beam), as tensorrtllm_backend's postprocessing returns it.
 """
 from __future__ import annotations
 
@@ -14,16 +16,29 @@ from typing import Callable
 import numpy as np
 
 from ..format.errors import InputError
-from ..runtime.images import load_image
 from ..runtime.sampling import SamplingParams
 
 Getter = Callable[[str], "np.ndarray | None"]
+
+# Accepted without effect: pad_id (outputs are never padded), prompt_table_extra_id (a key for KV
+# reuse, which pdrop does not do), length_penalty (it scores beams, and there is one). Refused when
+# sent with anything but their neutral value:
+UNSUPPORTED = {
+    "image_input": "preprocessed image_input is not supported: send the image as image_bytes_input or image_url_input",
+    "video_bytes_input": "video input is not supported",
+    "decoder_text_input": "decoder_text_input is for encoder-decoder models; this one is decoder-only",
+    "embedding_bias_words": "embedding_bias_words is not supported",
+    "embedding_bias_weights": "embedding_bias_weights is not supported",
+    "return_log_probs": "return_log_probs is not supported",
+    "return_context_logits": "return_context_logits is not supported",
+    "return_generation_logits": "return_generation_logits is not supported",
+}
 
 
 @dataclass
 class Job:
     prompt: str
-    image: object  # PIL image or None
+    image: object  # a data:image URL, an (H, W, 3) uint8 array or None: Engine.prepare decodes it
     params: SamplingParams
     drop_ratio: float | None
     stream: bool
@@ -60,30 +75,59 @@ def _image(get: Getter):
         text = urls[0]
         if not text.startswith("data:image/"):
             raise InputError("only data:image/...;base64 URLs are accepted: the server never fetches remote images")
-        return load_image(text)
+        return text
     if pixels is not None:
         if pixels.dtype != np.uint8:
             raise InputError(f"image_bytes_input must be UINT8, got {pixels.dtype}")
         squeezed = pixels.reshape(pixels.shape[-3:]) if math.prod(pixels.shape[:-3]) == 1 else pixels
-        return load_image(np.ascontiguousarray(squeezed))
+        return np.ascontiguousarray(squeezed)
     return None
+
+
+def _refuse_unsupported(get: Getter) -> None:
+    for name, why in UNSUPPORTED.items():
+        value = get(name)
+        if value is not None and _asks(value):
+            raise InputError(why)
+    for name in ("beam_width", "num_return_sequences"):
+        n = _scalar(get, name, int, 1)
+        if n != 1:
+            raise InputError(f"{name} {n} is not supported: pdrop generates one sequence per request (send 1)")
+
+
+def _asks(value: np.ndarray) -> bool:
+    """Whether an input asks for something: a true flag, a non-empty string, any number."""
+    if value.dtype == np.bool_:
+        return bool(value.any())
+    if value.dtype == np.object_:
+        return any(v not in (b"", "") for v in value.reshape(-1))
+    return value.size > 0
 
 
 def parse_request(get: Getter) -> Job:
     """Read one request's tensors (`get(name)` gives the array or None) into an engine job."""
+    _refuse_unsupported(get)
     prompts = _strings(get, "text_input")
     if len(prompts) != 1 or not prompts[0].strip():
         raise InputError("text_input must be one non-empty string")
     max_tokens = _scalar(get, "max_tokens", int)
     if max_tokens is None or max_tokens < 1:
         raise InputError(f"max_tokens must be a positive integer, got {max_tokens}")
-    min_tokens = max(_scalar(get, "min_tokens", int, 0), _scalar(get, "min_length", int, 0))
+    minimums = {name: _scalar(get, name, int, 0) for name in ("min_tokens", "min_length")}  # two names, one meaning
+    for name, n in minimums.items():
+        if n < 0:
+            raise InputError(f"{name} must be >= 0, got {n}")
+    min_tokens = max(minimums.values())
     params = SamplingParams(
         max_new_tokens=max_tokens, temperature=_scalar(get, "temperature", float, 0.0),
-        top_k=_scalar(get, "top_k", int, 0), top_p=_scalar(get, "top_p", float, 1.0),
+        # top_p 0 turns top-p off, as in TensorRT-LLM (tools/multimodal/client.py sends it by default)
+        top_k=_scalar(get, "top_k", int, 0), top_p=_scalar(get, "top_p", float, 1.0) or 1.0,
         seed=_scalar(get, "seed", int), stop=[s for s in _strings(get, "stop_words") if s],
         end_id=_scalar(get, "end_id", int), min_tokens=min_tokens,
-        bad_words=[s for s in _strings(get, "bad_words") if s])
+        bad_words=[s for s in _strings(get, "bad_words") if s],
+        repetition_penalty=_scalar(get, "repetition_penalty", float, 1.0),
+        presence_penalty=_scalar(get, "presence_penalty", float, 0.0),
+        frequency_penalty=_scalar(get, "frequency_penalty", float, 0.0))
     params.validate()
     drop = _scalar(get, "drop_ratio", float)
     return Job(prompts[0], _image(get), params, drop, _scalar(get, "stream", bool, False),
@@ -98,7 +142,7 @@ def response_tensors(text: str, ids: list[int], output_tokens: int, prompt_token
     `stats` is the scheduler's (Engine.stats): `batch_size` is the sequences running with this one."""
     arrival, first, last = times_ns
     return {
-        "text_output": np.array([[text.encode("utf-8")]], dtype=np.object_),
+        "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
         "output_ids": np.array(ids, dtype=np.int32).reshape(1, -1),
         "output_tokens": np.array([[output_tokens]], dtype=np.int32),
         "prompt_tokens": np.array([[prompt_tokens]], dtype=np.int32),

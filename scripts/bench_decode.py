@@ -1,0 +1,95 @@
+"""One decode step over the paged KV cache: blocks read in place against blocks gathered first.
+
+    python scripts/bench_decode.py --shape llava-next-small --batch 1,4,8     # CPU, ~3 min
+
+Builds the random-weight preset, prefills one 672x672 request (2,928 image tokens) per drop ratio
+and copies its blocks to --batch distinct sequences of the pool, then times decode steps two ways
+in the same run: in place (the eager path: each row's attention reads its run of blocks through a
+view) and gathered (the CUDA-graph path: every row's padded table copied out with index_select,
+then one masked attention). Prints ms per step (median of --steps) and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from builder.convert.build import build_engine
+from builder.convert.presets import preset_checkpoint
+from builder.format.config import Limits, PyramidSchedule
+from builder.runtime.engine import Engine
+from builder.runtime.paged_kv import DecodeBatch, SequenceKV
+from builder.runtime.pyramid import ImageSpan
+from builder.runtime.sampling import SamplingParams
+
+
+def sequences(engine: Engine, image, drop: float, n: int) -> list[SequenceKV]:
+    """n sequences holding the same prefilled request, each in blocks of its own."""
+    req = engine.prepare(engine.chat_prompt("What is shown here?", True), image, SamplingParams(32), drop)
+    n_blocks = engine.scheduler.blocks_for(req)
+    seqs = [SequenceKV.of(engine.pool.allocate(sum(n_blocks)), n_blocks) for _ in range(n)]
+    embeds, _ = engine.embed(req)
+    span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
+    engine.llm.prefill(embeds, seqs[0], span, req.schedule)
+    src = torch.tensor(seqs[0].block_ids())
+    for s in seqs[1:]:
+        dst = torch.tensor(s.block_ids())
+        engine.pool.k[dst], engine.pool.v[dst] = engine.pool.k[src], engine.pool.v[src]
+        s.lengths, s.offsets = list(seqs[0].lengths), list(seqs[0].offsets)
+    return seqs
+
+
+def step_ms(engine: Engine, seqs: list[SequenceKV], in_place: bool, steps: int) -> float:
+    tokens = torch.zeros(len(seqs), dtype=torch.long, device=engine.device)
+    times = []
+    for _ in range(steps + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        engine.llm.decode(tokens, DecodeBatch.of(seqs, len(seqs), engine.device, in_place=in_place))
+        engine.sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", "--preset", dest="shape", default="llava-next-small")
+    p.add_argument("--batch", default="1,4,8")
+    p.add_argument("--ratios", default="0,0.5")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (672, 672, 3), dtype=np.uint8))
+    ckpt = preset_checkpoint(args.shape)
+    cfg = ckpt.llm
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        limits = Limits(max(batches), cfg.max_position_embeddings - 512, cfg.max_position_embeddings)
+        build_engine(ckpt, Path(tmp) / "engine", PyramidSchedule.create(cfg.n_layers, 0.5), limits, "auto",
+                     progress=False)
+        engine = Engine.load(Path(tmp) / "engine", device=args.device)
+        for drop in (float(r) for r in args.ratios.split(",")):
+            seqs = sequences(engine, image, drop, max(batches))
+            for b in batches:
+                gathered, in_place = (step_ms(engine, seqs[:b], mode, args.steps) for mode in (False, True))
+                rows.append((drop, b, seqs[0].lengths[0], seqs[0].lengths[-1], gathered, in_place))
+            for s in seqs:
+                engine.pool.release(s.block_ids())
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{args.shape} on {name}, {engine.dtype}: ms per decode step, median of {args.steps}")
+    print("| drop | batch | KV tokens, first / last layer | gathered ms | in place ms | × gathered |")
+    print("|---|---|---|---|---|---|")
+    for drop, b, first, last, gathered, in_place in rows:
+        print(f"| {drop} | {b} | {first} / {last} | {gathered:.0f} | {in_place:.0f} | {in_place / gathered:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
