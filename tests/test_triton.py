@@ -299,7 +299,7 @@ def test_serve_command_starts_and_stops_on_sigterm(repo, tmp_path):
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        assert time.monotonic() - start < 9  # below tritonserver's exit timeout (10 s): no request was left open
+        assert time.monotonic() - start < 5  # well below tritonserver's exit timeout (10 s): no request was left open
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

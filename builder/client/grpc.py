@@ -93,12 +93,13 @@ def infer(client, model: str, inputs: list, timeout: float = 120.0, request_id: 
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error, time.perf_counter())))
     answer = Answer(sent=time.perf_counter())
+    final = False
     try:
         client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
         while True:
             result, error, at = responses.get(timeout=timeout)
-            if error is not None:
-                answer.error = str(error)
+            if error is not None:  # an error response is the last one
+                answer.error, final = str(error), True
                 return answer
             final = result.get_response().parameters["triton_final_response"].bool_param
             text = result.as_numpy("text_output")
@@ -110,4 +111,6 @@ def infer(client, model: str, inputs: list, timeout: float = 120.0, request_id: 
             if final:
                 return answer
     finally:
-        client.stop_stream(cancel_requests=True)
+        # cancel only what is unfinished: tritonserver 2.51 keeps a stream cancelled after its final
+        # response referenced, and then waits its whole exit timeout at shutdown
+        client.stop_stream(cancel_requests=not final)
