@@ -55,6 +55,14 @@ def cmd_build(args) -> int:
     archs = [a.strip() for a in args.cuda_archs.split(",")] if args.cuda_archs else None
     # trtllm-build reads the checkpoint; the vision ONNX is the multimodal runner's other half
     exports = sorted(set(args.export) | (set(EXPORTS) if args.backend == "tensorrt-llm" else set()))
+    if args.backend == "tensorrt-llm":  # refused before anything is written that would fail later
+        from .convert.build import vision_spec
+        from .export.vision_onnx import runner_geometry_problem
+
+        problem = runner_geometry_problem(vision_spec(ckpt.hf_config))
+        if problem:
+            raise ConfigError(f"--backend tensorrt-llm cannot serve this checkpoint: {problem} (build without "
+                              "--backend: pdrop's own runtime handles it)")
     manifest, params = build_engine(ckpt, output, schedule, limits, args.dtype, args.force,
                                     progress=not args.quiet, plugins=args.plugins, cuda_archs=archs, exports=exports)
     n_img = largest_image_tokens(manifest.vision)
@@ -76,16 +84,18 @@ def cmd_build(args) -> int:
           else f"  kernels      none ({plug['reason']}): the drop runs on torch ops")
     if "onnx" in manifest.exports:
         onnx = manifest.exports["onnx"]
-        print(f"  export       {onnx['path']} (opset {onnx['opset']}, onnxruntime vs torch max abs diff "
-              f"{onnx['max_abs_diff']:.2e})")
+        print(f"  export       {onnx['path']} (opset {onnx['opset']}, {onnx['precision']}, onnxruntime vs torch "
+              f"{onnx['relative_max_abs_diff']:.2e} of the output scale)")
     if "trtllm-checkpoint" in manifest.exports:
         ckpt_export = manifest.exports["trtllm-checkpoint"]
         print(f"  export       {ckpt_export['path']}/ (TensorRT-LLM checkpoint, {ckpt_export['architecture']})")
     if args.backend == "tensorrt-llm":
-        from .export.trtllm_build import build_llm_engine
+        from .export.trtllm_build import build_llm_engine, build_vision_engine
 
         sys.stdout.flush()  # the summary above stays before trtllm-build's log or the error line
         print(f"  tensorrt-llm {build_llm_engine(output, manifest)}")
+        sys.stdout.flush()
+        print(f"  tensorrt     {build_vision_engine(output)}")
     return 0
 
 

@@ -72,7 +72,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         limits = Limits(max(batches), cfg.max_position_embeddings - 512, cfg.max_position_embeddings)
-        build_engine(ckpt, Path(tmp) / "engine", PyramidSchedule.create(cfg.n_layers, 0.5), limits, "auto",
+        dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+        build_engine(ckpt, Path(tmp) / "engine", PyramidSchedule.create(cfg.n_layers, 0.5), limits, dtype,
                      progress=False)
         engine = Engine.load(Path(tmp) / "engine", device=args.device)
         for drop in (float(r) for r in args.ratios.split(",")):

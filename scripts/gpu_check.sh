@@ -12,6 +12,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$py" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
 "$py" -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_kernels.py 2>&1 | tee "$out/pytest-gpu.txt"
 "$py" scripts/bench_kernels.py --batch 1,8 2>&1 | tee "$out/bench-kernels.txt"
+"$py" scripts/bench_decode.py --device cuda --shape llava-next-vicuna-7b --batch 1,8,32 2>&1 \
+    | tee "$out/bench-decode-7b.txt"
 "$py" scripts/bench_engine.py --shape llava-next-small --batch 1,8 --max-new-tokens 128 \
     --json "$out/bench-engine-small.json" 2>&1 | tee "$out/bench-engine-small.txt"
 "$py" scripts/bench_engine.py --shape llava-next-vicuna-7b --batch 1,8 --max-new-tokens 128 \

@@ -61,9 +61,9 @@ def hf_dir(demo_ckpt, tmp_path_factory):
     return write_hf_checkpoint(demo_ckpt, tmp_path_factory.mktemp("hf") / "demo-hf")
 
 
-def _build(ckpt, path, drop, exports=()):
-    build_engine(ckpt, path, PyramidSchedule.create(8, drop, DEMO_LAYERS), Limits(8, 1536, 2048), progress=False,
-                 exports=exports)
+def _build(ckpt, path, drop, exports=(), dtype="auto"):
+    build_engine(ckpt, path, PyramidSchedule.create(8, drop, DEMO_LAYERS), Limits(8, 1536, 2048), dtype,
+                 progress=False, exports=exports)
     return path
 
 

@@ -267,7 +267,7 @@ def test_build_writes_an_engine_and_a_summary(happy, built):
         assert required in names
     assert [n for n in only_entries(cwd) if n.startswith(".")] == []  # no staging directory left beside it
     manifest = json.loads((built / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["pyramid"] == {"layers": [2, 4, 6], "drop_ratio": 0.5, "method": "attention",
                                    "positions": "renumber", "seed": 0}
     assert manifest["limits"] == {"max_batch_size": 8, "max_input_len": 1536, "max_seq_len": 2048,

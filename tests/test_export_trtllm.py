@@ -21,7 +21,8 @@ from conftest import DEMO_LAYERS, make_image, prefill
 from safetensors import safe_open
 
 from builder.convert.presets import preset_checkpoint
-from builder.export.trtllm_build import build_llm_engine, trtllm_build_command
+from builder.export import trtllm_build
+from builder.export.trtllm_build import build_llm_engine, build_vision_engine, trtexec_command, trtllm_build_command
 from builder.export.trtllm_checkpoint import checkpoint_config, read_checkpoint
 from builder.format.config import PyramidSchedule
 from builder.format.errors import ExportError
@@ -140,12 +141,25 @@ def test_trtllm_build_flags_follow_the_engine_limits(exported_dir, tmp_path):
     assert largest == 336
 
 
+def build_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "builder", "build", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+
+
+def test_backend_refuses_a_geometry_the_runner_cannot_pack(tmp_path):
+    """The demo's 112-px tiles: TensorRT-LLM's LLaVA-NeXT runner hard-codes 336 px; nothing is written."""
+    proc = build_cli("--backend", "tensorrt-llm", "--output", str(tmp_path / "engine"), "--quiet", "--plugins", "off")
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("error: --backend tensorrt-llm cannot serve this checkpoint: its CLIP tiles are 112 px")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(HAS_TRTLLM, reason="TensorRT-LLM is installed: the backend would really build")
 def test_backend_without_tensorrt_llm_fails_in_one_line_and_keeps_the_exports(tmp_path):
-    out = tmp_path / "engine"
-    proc = subprocess.run([sys.executable, "-m", "builder", "build", "--backend", "tensorrt-llm", "--output", str(out),
-                           "--quiet", "--plugins", "off"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    out = tmp_path / "engine"  # the real 336-px geometry, in fp16 (what a GPU build uses)
+    proc = build_cli("--model", "llava-next-small", "--dtype", "float16", "--backend", "tensorrt-llm", "--output",
+                     str(out), "--quiet", "--plugins", "off")
     assert proc.returncode == 1
     (line,) = proc.stderr.splitlines()
     assert line.startswith("error: --backend tensorrt-llm needs TensorRT-LLM (import tensorrt_llm failed")
@@ -154,6 +168,48 @@ def test_backend_without_tensorrt_llm_fails_in_one_line_and_keeps_the_exports(tm
     assert set(manifest.exports) == {"onnx", "trtllm-checkpoint"}
     assert (out / "vision" / "model.onnx").is_file() and (out / "trtllm-checkpoint" / "rank0.safetensors").is_file()
     assert not (out / "llm").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+    assert json.loads((out / "vision/config.json").read_text())["builder_config"]["precision"] == "float16"
+
+
+def test_trtexec_flags_follow_the_vision_export(exported_dir, tmp_path):
+    config = json.loads((exported_dir / "vision/config.json").read_text())
+    cmd = trtexec_command("trtexec", exported_dir, tmp_path / "model.engine", config)
+    assert cmd == ["trtexec", f"--onnx={exported_dir / 'vision/model.onnx'}", f"--saveEngine={tmp_path / 'model.engine'}",
+                   "--minShapes=input:1x3x112x112", "--optShapes=input:2x3x112x112", "--maxShapes=input:5x3x112x112"]
+    config["builder_config"]["precision"] = "float16"
+    assert "--fp16" in trtexec_command("trtexec", exported_dir, tmp_path / "e", config)
+
+
+TRTEXEC = """#!{python}
+# stands in for trtexec: writes --saveEngine, or fails
+import pathlib, sys
+out = next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--saveEngine="))
+pathlib.Path(out).write_bytes(b"engine")
+sys.exit({code})
+"""
+
+
+@pytest.mark.parametrize("code", [0, 2])
+def test_vision_engine_appears_only_when_trtexec_succeeds(exported_dir, tmp_path, monkeypatch, code):
+    engine = tmp_path / "engine"
+    shutil.copytree(exported_dir, engine)
+    monkeypatch.setattr(trtllm_build, "TRTEXEC_PLACES", (str(tmp_path / "no-trtexec"),))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(ExportError, match="needs TensorRT's trtexec"):
+        build_vision_engine(engine)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "trtexec").write_text(TRTEXEC.format(python=sys.executable, code=code))
+    (bin_dir / "trtexec").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    if code:
+        with pytest.raises(ExportError, match="trtexec failed with exit code 2"):
+            build_vision_engine(engine)
+        assert not (engine / "vision/model.engine").exists()
+    else:
+        assert build_vision_engine(engine) == engine / "vision/model.engine"
+    assert sorted(p.name for p in (engine / "vision").iterdir() if p.name.startswith(".")) == []
+    read_manifest(engine, verify=True)  # written after the manifest, and allowed to be
 
 
 STUB = """#!{python}

@@ -120,7 +120,7 @@ def write_exports(engine_dir: Path, exports: Sequence[str], ckpt: Checkpoint, sc
 
     records = {}
     if "onnx" in exports:
-        records["onnx"] = export_vision(engine_dir, vision_spec(ckpt.hf_config), ckpt.llm.dim)
+        records["onnx"] = export_vision(engine_dir, vision_spec(ckpt.hf_config), ckpt.llm.dim, dtype)
     if "trtllm-checkpoint" in exports:
         records["trtllm-checkpoint"] = write_checkpoint(engine_dir, ckpt.llm, ckpt.hf_config.text_config.model_type,
                                                         dtype, schedule)

@@ -21,11 +21,11 @@ from . import __version__
 from .config import Limits, LLMConfig, PyramidSchedule
 from .errors import EngineError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.sha256, limits.max_image_pixels
 MANIFEST = "manifest.json"
 DIGEST = "manifest.sha256"
-# trtllm-build's engine folder: written after the manifest, and never read by the runtime
-UNLISTED = ("llm",)
+# the TensorRT engines (`build --backend tensorrt-llm`): written after the manifest, never read by the runtime
+UNLISTED = ("llm", "vision/model.engine")
 LLM_WEIGHTS = "llm.safetensors"
 VISION_WEIGHTS = "vision.safetensors"
 
@@ -82,8 +82,8 @@ def checksum_dir(path: Path) -> dict[str, str]:
 
 
 def _files(path: Path) -> list[str]:
-    return [p.relative_to(path).as_posix() for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name not in (MANIFEST, DIGEST) and p.relative_to(path).parts[0] not in UNLISTED]
+    names = [p.relative_to(path).as_posix() for p in sorted(path.rglob("*")) if p.is_file()]
+    return [n for n in names if n not in (MANIFEST, DIGEST) and not any(n == u or n.startswith(u + "/") for u in UNLISTED)]
 
 
 def write_manifest(path: Path, manifest: Manifest) -> None:
