@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from builder.fidelity.task import COLOURS, GRID, PREFIXES, dataset, kind, render, solve
+from builder.fidelity.task import (
+    COLOURS,
+    GRID,
+    PREFIXES,
+    dataset,
+    descriptions,
+    kind,
+    render,
+    solve,
+)
 
 
 def test_same_seed_same_examples_and_splits_differ():
@@ -35,3 +44,26 @@ def test_items_are_drawn_in_their_cells():
         empty = {(r, c) for r in range(GRID) for c in range(GRID)} - {(i.row, i.col) for i in ex.items}
         for r, c in empty:
             assert image.getpixel((c * cell + cell // 2, r * cell + cell // 2)) == (235, 232, 220)
+
+
+
+def test_descriptions_say_what_every_cell_holds():
+    """Read back: every cell is named once, the shape named for it is the solver's answer for that
+    cell, the colour is the item's, and every description has the same number of words (so batches
+    need no padding); the order of the cells differs between scenes."""
+    orders = set()
+    for scene, ex in zip(dataset("val", 200), descriptions("val", 200)):
+        assert ex.items == scene.items
+        words = ex.answer.split()
+        assert len(words) == GRID * GRID * 6
+        colours = {(i.row, i.col): i.colour for i in ex.items}
+        cells = []
+        for at in range(0, len(words), 6):
+            row_word, row, column_word, col, colour, shape = words[at:at + 6]
+            assert (row_word, column_word) == ("row", "column")
+            cells.append((int(row) - 1, int(col) - 1))
+            assert solve(ex.items, f"What is in row {row} column {col}?") == shape
+            assert colour == colours.get(cells[-1], "nothing")
+        assert sorted(cells) == [(r, c) for r in range(GRID) for c in range(GRID)]
+        orders.add(tuple(cells))
+    assert len(orders) == 200

@@ -4,13 +4,15 @@ Every variant runs through the engine (prepare + prefill + first token): answers
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from ..format.config import PyramidSchedule
-from ..runtime.engine import Engine
+from ..runtime.engine import Engine, Request
 from ..runtime.flops import full_flops, paper_flops
 from ..runtime.sampling import SamplingParams
-from .task import Example, kind, render
+from .task import Example, render
 from .train import IMAGE, PROMPT
 
 
@@ -21,19 +23,23 @@ class Variant:
     schedule: PyramidSchedule
 
 
-def accuracy(engine: Engine, examples: list[Example], schedule: PyramidSchedule, batch: int = 8) -> dict[str, float]:
-    """Fraction answered right, overall ("all") and per question kind."""
-    right: dict[str, list[bool]] = {}
+def prepare(engine: Engine, examples: list[Example]) -> list[Request]:
+    """Each test question prepared once (tokens, image tiles); variants only swap the schedule."""
+    return [engine.prepare(PROMPT.format(question=ex.question), render(ex.items, IMAGE),
+                           SamplingParams(max_new_tokens=1)) for ex in examples]
+
+
+def correct(engine: Engine, prepared: list[Request], examples: list[Example], schedule: PyramidSchedule,
+            batch: int = 32) -> np.ndarray:
+    """(questions,) whether each question is answered right under `schedule`."""
+    right = np.zeros(len(examples), dtype=bool)
     for i in range(0, len(examples), batch):
-        chunk = examples[i:i + batch]
-        reqs = [engine.prepare(PROMPT.format(question=ex.question), render(ex.items, IMAGE),
-                               SamplingParams(max_new_tokens=1), schedule=schedule) for ex in chunk]
-        answers = [engine.tokenizer.convert_tokens_to_ids(ex.answer) for ex in chunk]
+        reqs = [replace(r, schedule=schedule) for r in prepared[i:i + batch]]
         for delta in engine.stream_prepared(reqs):
             if delta.result is not None:
-                right.setdefault(kind(chunk[delta.index].question), []).append(delta.token_id == answers[delta.index])
-    every = [r for rs in right.values() for r in rs]
-    return {"all": sum(every) / len(examples), **{k: sum(rs) / len(rs) for k, rs in sorted(right.items())}}
+                ex = examples[i + delta.index]
+                right[i + delta.index] = delta.token_id == engine.tokenizer.convert_tokens_to_ids(ex.answer)
+    return right
 
 
 def _bisect(f, lo: float, hi: float, target: float, steps: int = 60) -> float:

@@ -66,6 +66,24 @@ def ask(items: tuple[Item, ...], rng: random.Random) -> tuple[str, str]:
     return f"{prefix}What is in row {row + 1} column {col + 1}?", held
 
 
+DESCRIBE = "Describe the image."
+
+
+def describe(items: tuple[Item, ...], rng: random.Random) -> str:
+    """The whole scene as text, every cell once in a random order: "row 3 column 1 nothing nothing
+    row 1 column 2 red circle ...". Two words per cell, so every description has the same length;
+    the random order makes the words of an address, not its place in the text, say which cell."""
+    held = {(i.row, i.col): f"{i.colour} {i.shape}" for i in items}
+    cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], GRID * GRID)
+    return " ".join(f"row {r + 1} column {c + 1} {held.get((r, c), 'nothing nothing')}" for r, c in cells)
+
+
+def descriptions(split: str, n: int, seed: int = 0) -> list[Example]:
+    """The scenes of `dataset(split, n, seed)`, each asked to be described."""
+    rng = random.Random(seed * 1000 + SPLITS[split] + 500)
+    return [Example(ex.items, DESCRIBE, describe(ex.items, rng)) for ex in dataset(split, n, seed)]
+
+
 def kind(question: str) -> str:
     """The question's kind: colour, shape, count or cell."""
     for marker, name in (("What colour", "colour"), ("Which shape", "shape"), ("How many", "count")):

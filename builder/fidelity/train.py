@@ -7,15 +7,17 @@ as the paper trains. The result is saved in Hugging Face LLaVA-NeXT layout, so
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from ..convert.build import vision_spec
 from ..export.hf_checkpoint import save_hf_checkpoint
@@ -24,7 +26,16 @@ from ..runtime import pyramid
 from ..runtime.model import Transformer
 from ..runtime.vision import VisionEncoder, merge
 from .pretrain import pretrain_tower
-from .task import COLOURS, NUMBERS, PREFIXES, SHAPES, Example, dataset, render
+from .task import (
+    COLOURS,
+    NUMBERS,
+    PREFIXES,
+    SHAPES,
+    Example,
+    dataset,
+    descriptions,
+    render,
+)
 
 TILE, IMAGE = 56, 112  # 56-px tiles of 4 x 4 patches; a 112-px image is a 2 x 2 grid: 88 image tokens
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -43,10 +54,17 @@ class TrainConfig:
     dim: int = 192
     n_layers: int = 8
     pretrain_steps: int = 200  # stage 1: the tower on per-patch labels (see pretrain.py)
+    describe_steps: int = 300  # stage 2: describing whole scenes (see train)
+    parts: int = 4  # a step's batch is `parts` groups of one question length each (see batches)
+
+    def __post_init__(self):
+        if not 1 <= self.parts <= self.batch_size:
+            raise ValueError(f"parts must be in [1, batch_size {self.batch_size}], got {self.parts}")
 
 
 def task_words() -> list[str]:
-    words = set("USER ASSISTANT What colour is the Which shape How many shapes are there in row column".split())
+    words = set("USER ASSISTANT What colour is the Which shape How many shapes are there in row column Describe "
+                "image".split())
     words |= set(COLOURS) | set(SHAPES) | set(NUMBERS) | {"nothing"} | {str(i) for i in range(1, 5)}
     words |= {w for p in PREFIXES for w in p.replace(".", " ").split()}
     return sorted(words) + ["?", ":", "."]
@@ -56,7 +74,9 @@ def make_processor():
     """A word-level tokenizer (each answer is one token) and a 56-px-tile LLaVA-NeXT processor."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlavaNextProcessor, PreTrainedTokenizerFast
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
 
     specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
     tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + task_words())}, unk_token="<unk>"))
@@ -99,9 +119,10 @@ class Model(torch.nn.Module):
         torch.nn.init.normal_(self.llm.tok_embeddings.weight, std=0.02)
         torch.nn.init.normal_(self.vision.image_newline, std=0.02)
 
-    def answer_logits(self, ids: torch.Tensor, pixels: torch.Tensor, schedule: PyramidSchedule) -> torch.Tensor:
-        """ids (B, L) = prompt + answer + </s>; pixels (B, patches, 3, TILE, TILE) -> logits (B, 2, V)
-        at the positions that predict the answer and </s>."""
+    def answer_logits(self, ids: torch.Tensor, pixels: torch.Tensor, schedule: PyramidSchedule,
+                      targets: int = AFTER_QUERY) -> torch.Tensor:
+        """ids (B, L) = prompt + answer + </s>, the answer and </s> `targets` tokens; pixels (B, patches,
+        3, TILE, TILE) -> logits (B, targets, V) at the positions that predict them."""
         batch = ids.shape[0]
         feats = self.vision.features(pixels.flatten(0, 1))  # (B * patches, side^2, dim)
         feats = feats.view(batch, -1, *feats.shape[1:])
@@ -109,8 +130,8 @@ class Model(torch.nn.Module):
         where = (ids[0] == self.hf_config.image_token_id).nonzero()[:, 0]
         start, n = int(where[0]), where.numel()
         embeds = merge(self.llm.tok_embeddings(ids), start, packed)
-        h = forward_train(self.llm, embeds, start, n, schedule, AFTER_QUERY)
-        return self.llm.output(h[:, -AFTER_QUERY - 1:-1])
+        h = forward_train(self.llm, embeds, start, n, schedule, targets)
+        return self.llm.output(h[:, -targets - 1:-1])
 
 
 def forward_train(llm: Transformer, embeds: torch.Tensor, image_start: int, n_image: int, schedule: PyramidSchedule,
@@ -147,53 +168,89 @@ def encode(processor, examples: list[Example], with_answer: bool) -> tuple[torch
     return enc.input_ids, enc.pixel_values
 
 
-def batches(examples: list[Example], size: int, rng: random.Random):
-    """Endless batches of questions of one length each: same token layout, so no padding is needed."""
+def batches(examples: list[Example], size: int, parts: int, rng: random.Random):
+    """Endless batches of `size` questions in `parts` parts, each part of one question length (same
+    token layout, so no padding is needed). Lengths give the kind away, so a one-part batch is one
+    kind of question; several parts mix kinds within a step."""
     lengths: dict[int, list[Example]] = {}
     for ex in examples:  # the word-level tokenizer's split: words and punctuation
         lengths.setdefault(len(re.findall(r"\w+|[^\w\s]+", ex.question)), []).append(ex)
     pools = list(lengths.values())
     weights = [len(p) for p in pools]
     while True:
-        pool = rng.choices(pools, weights)[0]
-        yield rng.sample(pool, min(size, len(pool)))
+        yield [rng.sample(pool, min(size // parts, len(pool))) for pool in rng.choices(pools, weights, k=parts)]
 
 
-def train(cfg: TrainConfig, out: str | Path | None = None, log=print) -> tuple[Model, dict]:
-    """Train; returns the model and stats (mean step time, losses). Saves an HF checkpoint to `out`."""
-    torch.manual_seed(cfg.seed)
-    processor = make_processor()
-    model = Model(make_config(processor, cfg))
-    schedule = PyramidSchedule(cfg.layers, cfg.drop_ratio)
-    examples = dataset("train", cfg.train_examples, cfg.seed)
-    # Stage 1 stands in for CLIP's pretraining; then, as LLaVA trains, the tower stays frozen.
-    pretrain_tower(model.vision, processor.image_processor, examples, IMAGE, cfg.pretrain_steps, 64, 1e-3, cfg.seed,
-                   log)
-    model.vision.tower.requires_grad_(False)
+def fit(model: Model, processor, examples: list[Example], schedule: PyramidSchedule, steps: int, cfg: TrainConfig,
+        log, name: str) -> tuple[list[float], list[float]]:
+    """AdamW with warm-up and cosine decay over `steps` batches of `examples` (every answer the same
+    number of tokens); the loss is on the answer and </s>. Returns losses and step times (seconds)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
-    warmup = max(1, cfg.steps // 20)
+    warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
-    rng = random.Random(cfg.seed)
-    data = batches(examples, cfg.batch_size, rng)
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    data = batches(examples, cfg.batch_size, cfg.parts, random.Random(cfg.seed))
+    targets = len(processor.tokenizer(examples[0].answer, add_special_tokens=False).input_ids) + 1  # and </s>
     losses, step_times = [], []
     model.train()
-    for step in range(cfg.steps):
-        ids, pixels = encode(processor, next(data), with_answer=True)
+    for step in range(steps):
+        encoded = [encode(processor, part, with_answer=True) for part in next(data)]
         start = time.perf_counter()
-        logits = model.answer_logits(ids, pixels, schedule)
-        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, -AFTER_QUERY:].flatten())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for ids, pixels in encoded:
+            logits = model.answer_logits(ids, pixels, schedule, targets)
+            part = F.cross_entropy(logits.flatten(0, 1), ids[:, -targets:].flatten()) * len(ids) / cfg.batch_size
+            part.backward()
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         step_times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        if log and (step % 100 == 0 or step == cfg.steps - 1):
-            log(f"step {step:5d}  loss {loss.item():.4f}  {step_times[-1] * 1e3:.0f} ms/step")
+        losses.append(loss)
+        if log and (step % 100 == 0 or step == steps - 1):
+            log(f"{name} step {step:5d}  loss {loss:.4f}  {step_times[-1] * 1e3:.0f} ms/step")
     model.eval()
+    return losses, step_times
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, log=print, base: str | Path | None = None
+          ) -> tuple[Model, dict]:
+    """Train in three stages; returns the model and the answer stage's stats (losses; step times in
+    seconds, warm-up steps left out). Saves an HF checkpoint to `out`. Stages 1 and 2 do not depend
+    on the drop: with `base`, their result is kept there and reused by runs that differ only in
+    drop ratio or answer steps (the report's two arms of a seed start from the same model)."""
+    torch.manual_seed(cfg.seed)
+    processor = make_processor()
+    model = Model(make_config(processor, cfg))
+    examples = dataset("train", cfg.train_examples, cfg.seed)
+    shared = {k: v for k, v in asdict(cfg).items() if k not in ("drop_ratio", "steps")}
+    kept = Path(base) / "stages-1-2.safetensors" if base is not None else None
+    if kept is not None and kept.exists() and json.loads((kept.parent / "config.json").read_text()) == shared:
+        model.load_state_dict(load_file(kept))
+        model.vision.tower.requires_grad_(False)
+        if log:
+            log(f"stages 1-2 from {kept}")
+    else:
+        # Stage 1 stands in for CLIP's pretraining; then, as LLaVA trains, the tower stays frozen.
+        pretrain_tower(model.vision, processor.image_processor, examples, IMAGE, cfg.pretrain_steps, 64, 1e-3,
+                       cfg.seed, log)
+        model.vision.tower.requires_grad_(False)
+        # Stage 2, LLaVA's alignment on captions: every scene described cell by cell, 32 image-dependent
+        # words per example where a question has one. Without it one-word answers left the answer
+        # prior too slowly: each question's signal comes from a few of 88 image tokens.
+        if cfg.describe_steps:
+            fit(model, processor, descriptions("train", cfg.train_examples, cfg.seed),
+                PyramidSchedule(cfg.layers, 0.0), cfg.describe_steps, cfg, log, "describe")
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            save_file(model.state_dict(), kept.with_suffix(".partial"))
+            (kept.parent / "config.json").write_text(json.dumps(shared))
+            kept.with_suffix(".partial").replace(kept)
+    # Stage 3, instruction tuning on the questions: the stage PyramidDrop trains with.
+    losses, step_times = fit(model, processor, examples, PyramidSchedule(cfg.layers, cfg.drop_ratio), cfg.steps, cfg,
+                             log, "answer")
     if out is not None:
         save_hf_checkpoint(model.llm, model.vision, model.hf_config, processor, out)
     skip = min(10, len(step_times) // 2)  # the first steps warm up allocators and caches
-    return model, {"losses": losses, "step_s": sum(step_times[skip:]) / max(1, len(step_times) - skip)}
+    return model, {"losses": losses, "step_times": step_times[skip:]}
