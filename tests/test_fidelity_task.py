@@ -4,16 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from builder.fidelity.task import (
-    COLOURS,
-    GRID,
-    PREFIXES,
-    dataset,
-    descriptions,
-    kind,
-    render,
-    solve,
-)
+from builder.fidelity.task import COLOURS, GRID, PREFIXES, dataset, descriptions, kind, render, solve
 
 
 def test_same_seed_same_examples_and_splits_differ():

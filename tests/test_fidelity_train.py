@@ -13,16 +13,7 @@ from builder.convert.build import build_engine
 from builder.convert.checkpoint import open_checkpoint
 from builder.fidelity.pretrain import patch_cells, patch_labels, pretrain_tower
 from builder.fidelity.task import COLOURS, dataset, render
-from builder.fidelity.train import (
-    IMAGE,
-    PROMPT,
-    Model,
-    TrainConfig,
-    encode,
-    make_config,
-    make_processor,
-    train,
-)
+from builder.fidelity.train import IMAGE, PROMPT, Model, TrainConfig, encode, make_config, make_processor, train
 from builder.format.config import Limits, PyramidSchedule
 from builder.runtime.engine import Engine
 from builder.runtime.sampling import SamplingParams

@@ -26,16 +26,7 @@ from ..runtime import pyramid
 from ..runtime.model import Transformer
 from ..runtime.vision import VisionEncoder, merge
 from .pretrain import pretrain_tower
-from .task import (
-    COLOURS,
-    NUMBERS,
-    PREFIXES,
-    SHAPES,
-    Example,
-    dataset,
-    descriptions,
-    render,
-)
+from .task import COLOURS, NUMBERS, PREFIXES, SHAPES, Example, dataset, descriptions, render
 
 TILE, IMAGE = 56, 112  # 56-px tiles of 4 x 4 patches; a 112-px image is a 2 x 2 grid: 88 image tokens
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -74,9 +65,7 @@ def make_processor():
     """A word-level tokenizer (each answer is one token) and a 56-px-tile LLaVA-NeXT processor."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlavaNextProcessor, PreTrainedTokenizerFast
-    from transformers.models.llava_next.image_processing_pil_llava_next import (
-        LlavaNextImageProcessorPil,
-    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
     tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + task_words())}, unk_token="<unk>"))

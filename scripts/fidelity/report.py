@@ -64,12 +64,13 @@ def answers(out: Path, arm: str, seed: int, schedules: dict[str, PyramidSchedule
     run = out / f"{arm}-seed{seed}"
     cache = run / f"answers-{len(test)}.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
+    prepared = None  # tokens and tiles do not depend on the dtype: prepared once, cast in the engine
     for dtype in DTYPES:
         todo = [n for n in schedules if dtype not in done.get(n, {}) and (dtype == "float32" or n in in_bf16)]
         if not todo:
             continue
         engine = Engine.load(run / "engine", device="cpu", dtype=dtype)
-        prepared = prepare(engine, test)
+        prepared = prepared or prepare(engine, test)
         for name in todo:
             right = correct(engine, prepared, test, schedules[name], BATCH)
             done.setdefault(name, {})[dtype] = right.astype(int).tolist()
