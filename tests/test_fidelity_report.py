@@ -13,8 +13,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fidelity" / "report.
 
 
 def test_report_runs_end_to_end(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--seeds", "2", "--steps", "6", "--pretrain-steps", "2", "--describe-steps", "2", "--batch-size",
-               "8", "--train-examples", "200", "--test", "16", "--dim", "64", "--out", str(tmp_path)]
+    command = [sys.executable, str(SCRIPT), "--seeds", "2", "--steps", "6", "--pretrain-steps", "2", "--describe-steps",
+               "2", "--batch-size", "8", "--train-examples", "200", "--test", "16", "--dim", "64", "--out", str(tmp_path)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.glob("*-seed*")) == ["normal-seed0", "normal-seed1", "pdrop-seed0",
@@ -36,6 +36,7 @@ def test_report_runs_end_to_end(tmp_path):
     small = [r["avg_image_tokens"] / 88 for r in report["rows"] if r["family"] == "pdrop-small"]
     assert [round(x, 1) for x in small] == [round(1 / 3, 1), round(2 / 9, 1), round(1 / 9, 1)]
     assert report["step_ms"]["normal"]["mean"] > 0 and report["step_ms"]["pdrop"]["mean"] > 0
+    assert report["train_s"] > 0 and report["answer_s"] > 0 and "compute behind this table" in out.stdout
     assert "training step: normal" in out.stdout and "targets:" in out.stdout
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]

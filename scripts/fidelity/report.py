@@ -46,24 +46,26 @@ def trained(out: Path, arm: str, seed: int, base: dict, log) -> dict:
     if record.exists() and json.loads(record.read_text())["config"] == asdict(cfg):
         return json.loads(record.read_text())
     log(f"training {arm} (drop {cfg.drop_ratio}), seed {seed}, {cfg.steps} steps")
+    begin = time.perf_counter()
     _, stats = train(cfg, run / "ckpt", log=log, base=out / f"stages-1-2-seed{seed}")
     engine_dir = run / "engine"
     ckpt = open_checkpoint(run / "ckpt")
     build_engine(ckpt, engine_dir, PyramidSchedule.create(ckpt.llm.n_layers, 0.5, cfg.layers),
                  Limits(BATCH, 256, 512), progress=False, force=True)
     result = {"config": asdict(cfg), "step_times": stats["step_times"], "answer_stage_s": sum(stats["step_times"]),
-              "final_loss": float(np.mean(stats["losses"][-20:]))}
+              "final_loss": float(np.mean(stats["losses"][-20:])), "wall_s": time.perf_counter() - begin}
     record.write_text(json.dumps(result))
     return result
 
 
 def answers(out: Path, arm: str, seed: int, schedules: dict[str, PyramidSchedule], in_bf16: set[str], test,
-            log) -> dict:
-    """{variant: {dtype: (questions,) right}} for one trained model, cached beside it; every variant
-    in float32, those named in `in_bf16` also with the model in bfloat16."""
+            log) -> tuple[dict, float]:
+    """{variant: {dtype: (questions,) right}} for one trained model, cached beside it, and the
+    seconds spent answering; every variant in float32, those named in `in_bf16` also with the model
+    in bfloat16."""
     run = out / f"{arm}-seed{seed}"
     cache = run / f"answers-{len(test)}.json"
-    done = json.loads(cache.read_text()) if cache.exists() else {}
+    done, wall = json.loads(cache.read_text()) if cache.exists() else ({}, 0.0)
     prepared = None  # tokens and tiles do not depend on the dtype: prepared once, cast in the engine
     for dtype in DTYPES:
         todo = [n for n in schedules if dtype not in done.get(n, {}) and (dtype == "float32" or n in in_bf16)]
@@ -72,11 +74,13 @@ def answers(out: Path, arm: str, seed: int, schedules: dict[str, PyramidSchedule
         engine = Engine.load(run / "engine", device="cpu", dtype=dtype)
         prepared = prepared or prepare(engine, test)
         for name in todo:
+            begin = time.perf_counter()
             right = correct(engine, prepared, test, schedules[name], BATCH)
+            wall += time.perf_counter() - begin
             done.setdefault(name, {})[dtype] = right.astype(int).tolist()
             log(f"{arm} seed {seed} {dtype:8s} {name:55s} {100 * right.mean():5.1f}%")
-            cache.write_text(json.dumps(done))
-    return {name: {d: np.array(a, dtype=bool) for d, a in done[name].items()} for name in schedules}
+            cache.write_text(json.dumps([done, wall]))
+    return {name: {d: np.array(a, dtype=bool) for d, a in done[name].items()} for name in schedules}, wall
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -138,9 +142,9 @@ def main() -> int:
               for d in (0.0, 0.5)}
     # bf16 changes which tokens tie in the rank: measured where a rank decides (no drop as the reference)
     in_bf16 = {v.name for v in compared if v.family in ("none", "pdrop")}
-    normal = [answers(args.out, "normal", s, {v.name: v.schedule for v in compared}, in_bf16, test, log)
-              for s in seeds]
-    dropped = [answers(args.out, "pdrop", s, served, set(served), test, log) for s in seeds]
+    normal, normal_s = zip(*(answers(args.out, "normal", s, {v.name: v.schedule for v in compared}, in_bf16, test,
+                                     log) for s in seeds))
+    dropped, dropped_s = zip(*(answers(args.out, "pdrop", s, served, set(served), test, log) for s in seeds))
 
     kinds = np.array([kind(ex.question) for ex in test])
     names = sorted(set(kinds))
@@ -228,13 +232,17 @@ def main() -> int:
     for label, held in checks.items():
         print(f"  [{'met' if held else 'MISSED'}] {label}")
     wall = time.perf_counter() - begin
-    print(f"\nwall time of this command: {wall / 60:.1f} min (runs already in {args.out} are reused)")
+    train_s = sum(run["wall_s"] for arm in ARMS for run in runs[arm])
+    answer_s = sum(normal_s) + sum(dropped_s)
+    print(f"\ncompute behind this table: training {train_s / 60:.1f} min, answering {answer_s / 60:.1f} min "
+          f"(summed over the runs, those reused from {args.out} included)")
+    print(f"wall time of this command: {wall / 60:.1f} min")
     training = {arm: [{k: v for k, v in run.items() if k != "step_times"} for run in runs[arm]] for arm in ARMS}
     (args.out / "report.json").write_text(json.dumps({
         "args": {k: str(v) for k, v in vars(args).items()}, "training": training,
         "step_ms": {arm: e.as_dict() for arm, e in step_ms.items()}, "step_saving": saving.as_dict(),
         "prior": {k: float(prior_right[k].mean()) for k in names}, "rows": rows, "differences": summary,
-        "targets": checks, "wall_s": wall}, indent=2))
+        "targets": checks, "wall_s": wall, "train_s": train_s, "answer_s": answer_s}, indent=2))
     plot(rows, args.out / "accuracy_vs_flops.png")
     print(f"wrote {args.out / 'report.json'} and {args.out / 'accuracy_vs_flops.png'}")
     return 0
