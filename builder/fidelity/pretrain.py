@@ -3,8 +3,9 @@
 LLaVA starts from a pretrained CLIP and keeps it frozen while the projector and the LLM learn. A
 random tower trained from scratch together with the LLM on one-word answers leaves the answer
 prior too slowly for a CPU budget, so the tower first learns, for every patch, what its grid cell
-holds (colour, shape), from the scene description. Not where: a tile does not know its place in
-the image; as in LLaVA, the LLM gets that from the order of the image tokens.
+holds (colour, shape), from the scene description, and where the patch sits: its place in its tile
+and whether the tile is the whole image or a crop (a crop does not know where it lies in the
+image; as in LLaVA, the LLM gets that from the order of the image tokens).
 """
 from __future__ import annotations
 

@@ -221,6 +221,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, log=print, base: str 
         if log:
             log(f"stages 1-2 from {kept}")
     else:
+        if kept is not None:  # a stale model must not outlive the config.json written beside it below
+            kept.unlink(missing_ok=True)
         # Stage 1 stands in for CLIP's pretraining; then, as LLaVA trains, the tower stays frozen.
         pretrain_tower(model.vision, processor.image_processor, examples, IMAGE, cfg.pretrain_steps, 64, 1e-3,
                        cfg.seed, log)

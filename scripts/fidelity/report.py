@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -43,8 +44,9 @@ def trained(out: Path, arm: str, seed: int, base: dict, log) -> dict:
     cfg = TrainConfig(drop_ratio=ARMS[arm], seed=seed, **base)
     run = out / f"{arm}-seed{seed}"
     record = run / "training.json"
-    if record.exists() and json.loads(record.read_text())["config"] == asdict(cfg):
-        return json.loads(record.read_text())
+    if record.exists() and (kept := json.loads(record.read_text()))["config"] == asdict(cfg):
+        return kept
+    shutil.rmtree(run, ignore_errors=True)  # another config's model and its cached answers must not survive
     log(f"training {arm} (drop {cfg.drop_ratio}), seed {seed}, {cfg.steps} steps")
     begin = time.perf_counter()
     _, stats = train(cfg, run / "ckpt", log=log, base=out / f"stages-1-2-seed{seed}")
@@ -126,8 +128,7 @@ def main() -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     begin = time.perf_counter()
     base = dict(steps=args.steps, pretrain_steps=args.pretrain_steps, describe_steps=args.describe_steps,
-                batch_size=args.batch_size,
-                train_examples=args.train_examples, dim=args.dim)
+                batch_size=args.batch_size, train_examples=args.train_examples, dim=args.dim)
     seeds = range(args.seeds)
     runs = {arm: [trained(args.out, arm, s, base, log) for s in seeds] for arm in ARMS}
 
@@ -189,22 +190,20 @@ def main() -> int:
               + " | ".join(show(r["by_kind"][k]) for k in names) + " |")
 
     print("\nPaired differences in accuracy (points; 95% interval; * = separates from 0):")
-    contrasts = [(f"PyramidDrop {r} − random {r}", f"PyramidDrop {r}", f"random {r}") for r in (0.25, 0.5, 0.75)]
+    contrasts = [(f"PyramidDrop {r} − random {r}", (f"PyramidDrop {r}",), (f"random {r}",))
+                 for r in (0.25, 0.5, 0.75)]
     fastv = next(v.name for v in compared if v.family == "fastv")
-    contrasts += [(f"{fastv} − PyramidDrop 0.5", fastv, "PyramidDrop 0.5"),
-                  ("original positions − renumbered (PyramidDrop 0.5)", "PyramidDrop 0.5, original positions",
-                   "PyramidDrop 0.5"),
-                  ("PyramidDrop 0.5 − no drop", "PyramidDrop 0.5", "no drop")]
+    contrasts += [(f"{fastv} − PyramidDrop 0.5", (fastv,), ("PyramidDrop 0.5",)),
+                  ("original positions − renumbered (PyramidDrop 0.5)", ("PyramidDrop 0.5, original positions",),
+                   ("PyramidDrop 0.5",)),
+                  ("PyramidDrop 0.5 − no drop", ("PyramidDrop 0.5",), ("no drop",))]
+    contrasts += [(f"PyramidDrop 0.5, {dtype} − float32", ("PyramidDrop 0.5", dtype), ("PyramidDrop 0.5",))
+                  for dtype in DTYPES[1:]]
     summary = {}
-    for label, a, b in contrasts:
-        diff = intervals.difference(matrix(normal, a), matrix(normal, b))
+    for label, a, b in contrasts:  # a, b: (variant, dtype if not float32)
+        diff = intervals.difference(matrix(normal, *a), matrix(normal, *b))
         summary[label] = diff.as_dict()
         print(f"  {label:60s} {diff.format()}{' *' if diff.separates_from(0) else ''}")
-    for dtype in DTYPES[1:]:
-        diff = intervals.difference(matrix(normal, "PyramidDrop 0.5", dtype), matrix(normal, "PyramidDrop 0.5"))
-        summary[f"PyramidDrop 0.5, {dtype} − float32"] = diff.as_dict()
-        print(f"  {'PyramidDrop 0.5, ' + dtype + ' − float32':60s} {diff.format()}"
-              f"{' *' if diff.separates_from(0) else ''}")
 
     steps = {arm: np.array([run["step_times"] for run in runs[arm]]) for arm in ARMS}
     step_ms = {arm: intervals.mean(1e3 * steps[arm]) for arm in ARMS}
