@@ -194,6 +194,8 @@ def main() -> int:
                  for r in (0.25, 0.5, 0.75)]
     fastv = next(v.name for v in compared if v.family == "fastv")
     contrasts += [(f"{fastv} − PyramidDrop 0.5", (fastv,), ("PyramidDrop 0.5",)),
+                  (f"{fastv} − PyramidDrop 0.5, original positions", (fastv,),
+                   ("PyramidDrop 0.5, original positions",)),
                   ("original positions − renumbered (PyramidDrop 0.5)", ("PyramidDrop 0.5, original positions",),
                    ("PyramidDrop 0.5",)),
                   ("PyramidDrop 0.5 − no drop", ("PyramidDrop 0.5",), ("no drop",))]
