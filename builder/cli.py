@@ -105,7 +105,7 @@ def cmd_run(args) -> int:
 
     if args.keep_map and not args.image:  # before loading and generating, not after
         raise ConfigError("--keep-map needs an --image")
-    engine = Engine.load(args.engine, device=args.device)
+    engine = Engine.load(args.engine, device=args.device, dtype=args.dtype)
     image = load_image(args.image, engine.manifest.limits.max_image_pixels) if args.image else None
     prompt = engine.chat_prompt(args.prompt, image is not None) if args.chat else args.prompt
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -214,6 +214,9 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--dtype", default="auto",
+                   help="precision to run in: auto (the engine's on a GPU; on a CPU bfloat16 where it has "
+                        "native bf16, else float32) | float32 | float16 | bfloat16")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     r.add_argument("--keep-map", metavar="OUT.png", help="draw which image patches survived each stage")
     r.set_defaults(func=cmd_run)

@@ -14,6 +14,7 @@ from builder.convert.checkpoint import open_checkpoint
 from builder.format.config import Limits, PyramidSchedule
 from builder.format.errors import CheckpointError, EngineError
 from builder.format.manifest import FORMAT_VERSION, read_manifest, sha256_file
+from builder.runtime import engine as engine_module
 from builder.runtime.engine import Engine
 
 LIMITS = Limits(4, 1536, 2048)
@@ -116,11 +117,14 @@ def test_failed_build_leaves_nothing(demo_ckpt, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bfloat16_engine_loads_and_generates(demo_ckpt, tmp_path):
+def test_bfloat16_engine_loads_and_generates(demo_ckpt, tmp_path, monkeypatch):
     build(demo_ckpt, tmp_path / "bf16", dtype="bfloat16")
     with safe_open(tmp_path / "bf16" / "llm.safetensors", "pt") as f:
         assert f.get_tensor("norm.weight").dtype == torch.bfloat16
-    engine = Engine.load(tmp_path / "bf16", device="cpu")
+    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: False)  # a CPU without bf16 runs it in fp32
+    assert Engine.load(tmp_path / "bf16", device="cpu").pool.k.dtype == torch.float32
+    engine = Engine.load(tmp_path / "bf16", device="cpu", dtype="bfloat16")
+    assert engine.dtype == engine.pool.k.dtype == torch.bfloat16
     [r] = engine.generate(["<image>\nWhat? ASSISTANT:"], [make_image(100, 150)], max_new_tokens=5)
     assert len(r.token_ids) == 5 and [s.tokens_kept for s in r.stages] == [84, 42, 21]
 

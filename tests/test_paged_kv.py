@@ -45,3 +45,19 @@ def test_decode_reads_in_place_copied_and_gathered_alike(engine, images):
     assert (logits[0] - logits[1]).abs().max().item() < 1e-5
     assert (logits[0][1] - alone[0]).abs().max().item() < 1e-5
     assert pool.n_free == pool.num_blocks
+
+
+def test_each_layer_gathers_only_the_blocks_it_holds(engine, images):
+    """The gathered (CUDA-graph) step pads layer i's table to what layer i holds, so deep stages read
+    less at drop 0.5; padded wider still (graph buckets), the logits do not change."""
+    req = engine.prepare(PROMPT, images[0], SamplingParams(max_new_tokens=4), drop_ratio=0.5)
+    with prefilled(engine, req) as (*_, seq), torch.inference_mode():
+        batch = DecodeBatch.of([seq], 1, engine.device, in_place=False)
+        assert [t.shape[1] for t in batch.tables] == seq.n_blocks
+        assert seq.n_blocks[-1] < seq.n_blocks[0] / 2
+        tokens = torch.tensor([5])
+        exact = engine.llm.decode(tokens, batch)
+        padded = engine.llm.decode(tokens, DecodeBatch.of([seq], 2, engine.device, [n + 3 for n in seq.n_blocks],
+                                                          in_place=False))
+        in_place = engine.llm.decode(tokens, DecodeBatch.of([seq], 1, engine.device))
+    assert (exact - padded[:1]).abs().max().item() < 1e-5 and (exact - in_place).abs().max().item() < 1e-5

@@ -41,6 +41,14 @@ PRESETS: dict[str, dict] = {
         text=dict(model_type="llama", vocab_size=32064, hidden_size=1024, intermediate_size=2816,
                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096),
         pinpoints=PINPOINTS_336, dtype="float32"),
+    # The checkpoint the CPU peer benchmark runs (scripts/bench_peers.py): a Llama-style LLM small
+    # enough for decode to be overhead-bound, GQA as in Mistral, the real 336-px image geometry.
+    "llava-next-peer": dict(
+        vision=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
+                    image_size=336, patch_size=14),
+        text=dict(model_type="llama", vocab_size=32064, hidden_size=768, intermediate_size=2048,
+                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096),
+        pinpoints=PINPOINTS_336, dtype="float32"),
     "llava-next-vicuna-7b": dict(
         vision=CLIP_L_336,
         text=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,

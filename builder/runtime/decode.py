@@ -1,9 +1,10 @@
 """Decode-step runners over the paged KV cache: eager (any device) and CUDA-graph replay (CUDA).
 
 A step is a function of device tensors only (tokens, block tables, lengths, offsets: DecodeBatch),
-so it can be captured. The graph runner pads the batch to a bucket (a power of two) and the block
-tables to a width bucket; padding rows read and write only the null block. Each (batch, width)
-bucket is captured once and replayed by every later step of that shape.
+so it can be captured. The graph runner pads the batch to a bucket (a power of two) and each layer's
+block table to a width bucket of its own (a deep stage's table stays as short as what it holds);
+padding rows read and write only the null block. Each (batch, widths) bucket is captured once and
+replayed by every later step of that shape.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class _Graph:
 
 
 class GraphDecoder(EagerDecoder):
-    """CUDA-graph decode, one graph per (batch bucket, table-width bucket); at most `max_graphs` kept."""
+    """CUDA-graph decode, one graph per (batch bucket, per-layer table-width buckets); at most
+    `max_graphs` kept."""
 
     def __init__(self, llm: Transformer, block_size: int, width_bucket_tokens: int = 512, max_graphs: int = 8):
         super().__init__(llm)
@@ -50,18 +52,19 @@ class GraphDecoder(EagerDecoder):
 
     def run(self, tokens: torch.Tensor, seqs: list[SequenceKV]) -> torch.Tensor:
         rows = 1 << math.ceil(math.log2(len(seqs)))
-        width = math.ceil(max(s.tables.shape[1] for s in seqs) / self.width_bucket) * self.width_bucket
-        batch = DecodeBatch.of(seqs, rows, tokens.device, width, in_place=False)
+        bucket = self.width_bucket
+        widths = [math.ceil(max(s.n_blocks[i] for s in seqs) / bucket) * bucket for i in range(len(seqs[0].n_blocks))]
+        batch = DecodeBatch.of(seqs, rows, tokens.device, widths, in_place=False)
         padded = torch.zeros(rows, dtype=tokens.dtype, device=tokens.device)
         padded[:len(seqs)] = tokens
-        key = (rows, width)
+        key = (rows, tuple(widths))  # layers of one stage share a width: in effect one per stage
         g = self.graphs.get(key)
         if g is None:
             while len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
             g = self.graphs[key] = self._capture(batch, padded)
         else:
-            for mine, new in ((g.batch.tables, batch.tables), (g.batch.lengths, batch.lengths),
+            for mine, new in ((g.batch.flat, batch.flat), (g.batch.lengths, batch.lengths),
                               (g.batch.offsets, batch.offsets), (g.tokens, padded)):
                 mine.copy_(new)
             g.graph.replay()

@@ -27,6 +27,7 @@ from ..format.manifest import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
 from .decode import EagerDecoder, GraphDecoder
 from .images import load_image
 from .model import Transformer
+from .packed_linear import pack_linears
 from .paged_kv import BlockPool
 from .rope import Rope
 from .sampling import SamplingParams
@@ -72,6 +73,22 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 arithmetic (AVX512-BF16 or AMX): where OpenVINO runs bf16 by default."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_dtype(name: str | None, stored: str, device: torch.device) -> torch.dtype:
+    """The precision the engine runs in: `name` when given (not None or "auto"); else on a GPU the
+    engine's stored dtype, and on a CPU what OpenVINO picks there: bfloat16 where the CPU computes
+    it natively, float32 otherwise (emulated bf16 and fp16 are slower than fp32 on such CPUs)."""
+    if name not in (None, "auto", *DTYPES):
+        raise InputError(f"unsupported dtype '{name}': choose auto, {', '.join(DTYPES)}")
+    if name in (None, "auto"):
+        name = stored if device.type == "cuda" else "bfloat16" if cpu_has_bf16() else "float32"
+    return getattr(torch, name)
+
+
 def load_kernels(path: Path, manifest, device: torch.device):
     """The engine's CUDA kernels on a CUDA device; else None (the torch ops), said once."""
     if device.type != "cuda":
@@ -96,7 +113,7 @@ class Engine:
         # no token stands for more prompt bytes than its vocabulary string takes (spaces and raw
         # bytes are spelled longer there), so a prompt longer than this many bytes a token is too long
         self.max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
-        self.dtype = llm.output.weight.dtype
+        self.dtype = llm.tok_embeddings.weight.dtype
         cfg, limits = manifest.llm, manifest.limits
         tokens = kv_cache_tokens or self._pool_tokens(kv_cache_memory_fraction, block_size)
         if tokens < 1 or block_size < 1:
@@ -119,7 +136,7 @@ class Engine:
             raise InputError(f"kv_cache_memory_fraction must be in (0, 1) and needs a CUDA device, "
                              f"got {memory_fraction} on {self.device}")
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_token = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * self.llm.output.weight.element_size()
+        per_token = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * self.dtype.itemsize
         return int(free * memory_fraction) // per_token // block_size * block_size
 
     @classmethod
@@ -127,7 +144,9 @@ class Engine:
              verify: bool = True, cuda_graphs: bool = True, kv_cache_tokens: int | None = None,
              scheduler: str = "inflight", max_queued_requests: int = 64,
              kv_cache_memory_fraction: float | None = None) -> "Engine":
-        """Load an engine directory; `verify` checks every file's sha256 against the manifest;
+        """Load an engine directory; `dtype` (float32, float16, bfloat16) is the precision it runs
+        in, by default the engine's own on a GPU and the CPU's fastest (resolve_dtype); `verify`
+        checks every file's sha256 against the manifest;
         `cuda_graphs` replays decode steps from CUDA graphs on a CUDA device; the KV pool holds
         `kv_cache_tokens` token slots per layer (default max_batch_size x max_seq_len), or on CUDA
         `kv_cache_memory_fraction` of the free memory; `scheduler` is "inflight" (requests join and
@@ -137,9 +156,7 @@ class Engine:
         path = Path(path)
         manifest = read_manifest(path, verify=verify)
         device = resolve_device(device)
-        if (dtype or manifest.dtype) not in DTYPES:
-            raise InputError(f"unsupported dtype '{dtype}': choose {', '.join(DTYPES)}")
-        torch_dtype = getattr(torch, dtype or manifest.dtype)
+        torch_dtype = resolve_dtype(dtype, manifest.dtype, device)
         cfg = manifest.llm
         with torch.device("meta"):
             llm = Transformer(cfg, manifest.limits.max_seq_len)
@@ -150,6 +167,7 @@ class Engine:
         vision = VisionEncoder(manifest.vision, cfg.dim)
         vision.load_weights(load_file(path / VISION_WEIGHTS))
         vision = vision.to(device=device, dtype=torch_dtype).eval()
+        pack_linears(llm), pack_linears(vision)
         try:
             processor = AutoProcessor.from_pretrained(path)
         except Exception as e:

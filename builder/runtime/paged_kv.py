@@ -105,7 +105,8 @@ class SequenceKV:
 @dataclass
 class DecodeBatch:
     """What one decode step reads, as device tensors, B rows (padding rows: null tables, length 0)."""
-    tables: torch.Tensor  # (n_layers, B, width)
+    flat: torch.Tensor  # every layer's block table, one after another: one host-to-device copy
+    tables: list[torch.Tensor]  # views of `flat`, layer i's (B, widths[i]): as wide as that layer holds
     lengths: torch.Tensor  # (n_layers, B): tokens already cached; the new token goes there
     offsets: torch.Tensor  # (n_layers, B)
     # the rows' host bookkeeping, when attention may read their blocks in place (a loop over rows);
@@ -113,19 +114,22 @@ class DecodeBatch:
     seqs: list[SequenceKV] | None
 
     @classmethod
-    def of(cls, seqs: list[SequenceKV], n_rows: int, device: torch.device, width: int | None = None,
+    def of(cls, seqs: list[SequenceKV], n_rows: int, device: torch.device, widths: list[int] | None = None,
            in_place: bool = True) -> "DecodeBatch":
-        """The batch of `seqs`, padded to n_rows rows and to tables `width` blocks wide (default: the widest)."""
-        width = width or max(s.tables.shape[1] for s in seqs)
+        """The batch of `seqs`, padded to n_rows rows and layer i's table to widths[i] blocks (default:
+        the most that layer holds in any row): deep stages' tables stay as short as their KV."""
         n_layers = seqs[0].tables.shape[0]
-        tables = torch.zeros(n_layers, n_rows, width, dtype=torch.long)
+        widths = widths or [max(s.n_blocks[i] for s in seqs) for i in range(n_layers)]
+        tables = torch.zeros(n_rows, n_layers, max(*widths, *(s.tables.shape[1] for s in seqs)), dtype=torch.long)
         lengths = torch.zeros(n_layers, n_rows, dtype=torch.long)
         offsets = torch.zeros(n_layers, n_rows, dtype=torch.long)
         for row, s in enumerate(seqs):
-            tables[:, row, :s.tables.shape[1]] = s.tables
+            tables[row, :, :s.tables.shape[1]] = s.tables
             lengths[:, row] = torch.tensor(s.lengths)
             offsets[:, row] = torch.tensor(s.offsets)
-        return cls(tables.to(device), lengths.to(device), offsets.to(device), seqs if in_place else None)
+        flat = torch.cat([tables[:, i, :w].flatten() for i, w in enumerate(widths)]).to(device)
+        views = [t.view(n_rows, w) for t, w in zip(flat.split([n_rows * w for w in widths]), widths)]
+        return cls(flat, views, lengths.to(device), offsets.to(device), seqs if in_place else None)
 
 
 class PagedLayerKV:
@@ -143,7 +147,7 @@ class PagedLayerKV:
             self.fill(seq, k, v)
             return sdpa(q, k, v, causal=True)
         pool, bs = self.pool, self.pool.block_size
-        table, length = self.batch.tables[self.index], self.batch.lengths[self.index]  # (B, W), (B,)
+        table, length = self.batch.tables[self.index], self.batch.lengths[self.index]  # (B, W_layer), (B,)
         rows = torch.arange(table.shape[0], device=table.device)
         block = table[rows, length // bs]
         pool.k[block, length % bs] = k[:, :, 0]
@@ -163,7 +167,7 @@ class PagedLayerKV:
         else:
             k, v = self.pool.k[first:first + n_blocks], self.pool.v[first:first + n_blocks]
         k, v = (t.flatten(0, 1)[:n].transpose(0, 1)[None] for t in (k, v))  # (1, n_kv, n, hd)
-        return sdpa(q, k, v, causal=False)
+        return decode_sdpa(q, k, v)
 
     def _attend_gathered(self, q: torch.Tensor, table: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """Every row's padded table gathered (index_select copies whole blocks) and masked past its
@@ -174,7 +178,7 @@ class PagedLayerKV:
                 for t in (pool.k, pool.v))
         keys = torch.arange(w * bs, device=table.device)
         mask = (keys[None, :] <= length[:, None])[:, None, None, :]  # (B, 1, 1, W*bs), the new token included
-        return sdpa(q, k, v, mask=mask)
+        return decode_sdpa(q, k, v, mask)
 
     def fill(self, seq: SequenceKV, k: torch.Tensor, v: torch.Tensor) -> None:
         length, bs = k.shape[2], self.pool.block_size
@@ -195,6 +199,14 @@ class NoCache:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceKV | None) -> torch.Tensor:
         return sdpa(q, k, v, causal=True)
+
+
+def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per row (q: (B, H, 1, hd)) over (B, KV, n, hd) keys: the query heads sharing a
+    KV head go in as that head's query rows, so each key and value is read once, not H / KV times."""
+    b, heads, _, hd = q.shape
+    y = sdpa(q.view(b, k.shape[1], heads // k.shape[1], hd), k, v, mask=mask)  # (B, KV, H/KV, hd)
+    return y.view(b, heads, 1, hd)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from ..format.config import SCHEDULERS
 from ..format.errors import InputError, PdropError
@@ -60,12 +61,17 @@ class Result:
 
 
 class Generation:
-    """Decoding state of one request: its sampler, its tokens, the text streamed so far, stops."""
+    """Decoding state of one request: its sampler, its tokens, the text streamed so far, stops.
+
+    Text grows by one token's piece at a time (the tokenizers library's DecodeStream holds back an
+    incomplete UTF-8 character), and stop words are looked for only where the new piece could
+    complete one: a token costs time in its own text, not in the answer's length."""
 
     def __init__(self, tokenizer, params: SamplingParams, eos: set[int], budget: int, device, prompt: list[int]):
         self.tokenizer, self.params, self.eos, self.budget = tokenizer, params, eos, budget
         bad = [tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words]
         self.sampler = Sampler(params, device, eos, bad, prompt)
+        self.stream = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
         self.sent = 0
         self.finish: str | None = None
@@ -78,21 +84,23 @@ class Generation:
         self.ids.append(token)
         if token in self.eos:
             self.finish = "stop"
-        text = self.tokenizer.decode([t for t in self.ids if t not in self.eos], skip_special_tokens=True)
-        for s in self.params.stop:
-            if s in text:
-                text, self.finish = text[:text.index(s)], "stop"
+        else:
+            before = len(self.text)
+            self.text += self.stream.step(self.tokenizer.backend_tokenizer, token) or ""
+            for s in self.params.stop:
+                at = self.text.find(s, max(0, before - len(s) + 1))
+                if at >= 0:
+                    self.text, self.finish = self.text[:at], "stop"
         if self.finish is None and len(self.ids) >= self.budget:
             self.finish = "length"
-        self.text = text
-        # hold back an incomplete UTF-8 character or a possible start of a stop word
-        end = len(text) if self.finish else len(text.rstrip("\ufffd")) - self._stop_prefix(text)
-        delta, self.sent = text[self.sent:max(end, self.sent)], max(end, self.sent)
+        # hold back a possible start of a stop word
+        end = len(self.text) if self.finish else len(self.text) - self._stop_prefix(self.text)
+        delta, self.sent = self.text[self.sent:max(end, self.sent)], max(end, self.sent)
         return delta
 
     def _stop_prefix(self, text: str) -> int:
-        return max((k for s in self.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
+        return max((k for s in self.params.stop for k in range(1, min(len(s), len(text) + 1))
+                    if text.endswith(s[:k])), default=0)
 
 class Handle:
     """A submitted request: cancel() it from any thread; `done` is set after its last event."""
