@@ -102,6 +102,7 @@ class Generation:
         return max((k for s in self.params.stop for k in range(1, min(len(s), len(text) + 1))
                     if text.endswith(s[:k])), default=0)
 
+
 class Handle:
     """A submitted request: cancel() it from any thread; `done` is set after its last event."""
 
