@@ -167,7 +167,8 @@ class Engine:
         vision = VisionEncoder(manifest.vision, cfg.dim)
         vision.load_weights(load_file(path / VISION_WEIGHTS))
         vision = vision.to(device=device, dtype=torch_dtype).eval()
-        pack_linears(llm), pack_linears(vision)
+        for module in (llm, vision):
+            pack_linears(module)
         try:
             processor = AutoProcessor.from_pretrained(path)
         except Exception as e:
