@@ -56,7 +56,7 @@ def peer_venv(path: Path) -> Path:
     return python
 
 
-def export_openvino(python: Path, hf_dir: Path, out: Path, precision: str) -> Path:
+def export_openvino(python: Path, hf_dir: Path, out: Path) -> Path:
     if not (out / "openvino_language_model.xml").exists():
         run([python.parent / "optimum-cli", "export", "openvino", "--model", hf_dir, "--task", "image-text-to-text",
              "--weight-format", "fp32", out])
@@ -91,6 +91,11 @@ class Worker:
 
 def p50(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def out_tps(m: dict) -> float:
+    """Output tokens per second of a concurrent run, over its whole wall time."""
+    return m["output_tokens"] / m["wall_s"]
 
 
 def main() -> int:
@@ -131,7 +136,7 @@ def main() -> int:
         build_engine(ckpt, engine_dir, PyramidSchedule.create(ckpt.llm.n_layers, args.drop_ratio),
                      Limits(8, n - 512, n), "auto", force=True)
     python = peer_venv(args.peer_venv)
-    ov_dir = export_openvino(python, hf_dir, work / "openvino", precision)
+    ov_dir = export_openvino(python, hf_dir, work / "openvino")
     image = work / "image.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (672, 672, 3), dtype=np.uint8)).save(image)
 
@@ -156,7 +161,7 @@ def main() -> int:
             many[a, c] = w.ask(op="many", image=str(image), questions=questions,
                                max_new_tokens=args.max_new_tokens, drop_ratio=drop)
             m = many[a, c]
-            log(f"{c} at once: {a}: {m['output_tokens'] / m['wall_s']:.1f} tok/s, TTFT p50 {p50(m['ttft_s']):.1f} s")
+            log(f"{c} at once: {a}: {out_tps(m):.1f} tok/s, TTFT p50 {p50(m['ttft_s']):.1f} s")
     rss = {a: w.ask(op="rss")["peak_rss_mb"] for a, w, _ in arms}
     ov.close(), pd.close()
     elapsed = time.perf_counter() - t_start
@@ -183,17 +188,15 @@ def main() -> int:
             b = many[base, c]
             for a, _, _ in arms:
                 m = many[a, c]
-                print(f"| {c} | {a} | {m['output_tokens'] / m['wall_s']:.1f} | "
-                      f"{m['output_tokens'] / m['wall_s'] / (b['output_tokens'] / b['wall_s']):.2f} | "
+                print(f"| {c} | {a} | {out_tps(m):.1f} | {out_tps(m) / out_tps(b):.2f} | "
                       f"{p50(m['ttft_s']):.1f} | {p50(m['ttft_s']) / p50(b['ttft_s']):.2f} |")
     drop0, dropped = arms[1][0], arms[2][0]
-    targets = [(f"batch 1, drop 0: TTFT <= 1.0x OpenVINO's", ttft[drop0] / ttft[base], "<=", 1.0),
-               (f"batch 1, drop 0: decode tok/s >= 1.0x OpenVINO's", tps[drop0] / tps[base], ">=", 1.0),
+    targets = [("batch 1, drop 0: TTFT <= 1.0x OpenVINO's", ttft[drop0] / ttft[base], "<=", 1.0),
+               ("batch 1, drop 0: decode tok/s >= 1.0x OpenVINO's", tps[drop0] / tps[base], ">=", 1.0),
                (f"batch 1, drop {args.drop_ratio}: TTFT <= 0.55x OpenVINO's", ttft[dropped] / ttft[base], "<=", 0.55)]
     for c in concurrency:
-        ratio = (many[dropped, c]["output_tokens"] / many[dropped, c]["wall_s"]) / (
-            many[base, c]["output_tokens"] / many[base, c]["wall_s"])
-        targets.append((f"{c} at once, drop {args.drop_ratio}: output tok/s >= 1.5x OpenVINO's", ratio, ">=", 1.5))
+        targets.append((f"{c} at once, drop {args.drop_ratio}: output tok/s >= 1.5x OpenVINO's",
+                        out_tps(many[dropped, c]) / out_tps(many[base, c]), ">=", 1.5))
     print("\nTargets:")
     for text, value, op, bound in targets:
         met = value <= bound if op == "<=" else value >= bound

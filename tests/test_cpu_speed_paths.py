@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from builder.runtime import engine as engine_module
-from builder.runtime.engine import Engine, resolve_dtype
+from builder.runtime.engine import resolve_dtype
 from builder.runtime.packed_linear import PackedLinear, pack_linears
 from builder.runtime.sampling import SamplingParams
 from builder.runtime.scheduler import Generation
