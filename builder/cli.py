@@ -64,7 +64,8 @@ def cmd_build(args) -> int:
             raise ConfigError(f"--backend tensorrt-llm cannot serve this checkpoint: {problem} (build without "
                               "--backend: pdrop's own runtime handles it)")
     manifest, params = build_engine(ckpt, output, schedule, limits, args.dtype, args.force,
-                                    progress=not args.quiet, plugins=args.plugins, cuda_archs=archs, exports=exports)
+                                    progress=not args.quiet, plugins=args.plugins, cuda_archs=archs, exports=exports,
+                                    cpu_kernels=args.cpu_kernels)
     n_img = largest_image_tokens(manifest.vision)
     fl = report(llm, schedule, n_img, 32)
     per_stage = schedule.tokens_per_layer(n_img, llm.n_layers)
@@ -82,6 +83,9 @@ def cmd_build(args) -> int:
     plug = manifest.plugins
     print(f"  kernels      {plug['library']} (sm_{', sm_'.join(plug['archs'])}; PTX {plug['ptx']})" if plug["library"]
           else f"  kernels      none ({plug['reason']}): the drop runs on torch ops")
+    cpu = plug["cpu"]
+    print(f"  cpu kernels  {', '.join(cpu['libraries'].values())}" if cpu["libraries"]
+          else f"  cpu kernels  none ({cpu['reason']}): decode runs on torch ops on a CPU")
     if "onnx" in manifest.exports:
         onnx = manifest.exports["onnx"]
         print(f"  export       {onnx['path']} (opset {onnx['opset']}, {onnx['precision']}, onnxruntime vs torch "
@@ -105,7 +109,7 @@ def cmd_run(args) -> int:
 
     if args.keep_map and not args.image:  # before loading and generating, not after
         raise ConfigError("--keep-map needs an --image")
-    engine = Engine.load(args.engine, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.engine, device=args.device, dtype=args.dtype, compiled=args.compile)
     image = load_image(args.image, engine.manifest.limits.max_image_pixels) if args.image else None
     prompt = engine.chat_prompt(args.prompt, image is not None) if args.chat else args.prompt
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -188,6 +192,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     b.add_argument("--plugins", default="auto",
                    help="compile the drop's CUDA kernels into the engine: auto (when nvcc is found), on, off")
+    b.add_argument("--cpu-kernels", default="auto",
+                   help="compile the CPU decode kernels into the engine: auto (when a C++ compiler is found), on, off")
     b.add_argument("--cuda-archs", help="GPU architectures for the kernels, any this nvcc lists (nvcc --list-gpu-arch), "
                                         "e.g. 80,90,100,120 (default 80,86,89,90); PTX of the newest is embedded too")
     b.add_argument("--export", action="append", default=[], choices=EXPORTS,
@@ -217,6 +223,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="auto",
                    help="precision to run in: auto (the engine's on a GPU; on a CPU bfloat16 where it has "
                         "native bf16, else float32) | float32 | float16 | bfloat16")
+    r.add_argument("--compile", action="store_true",
+                   help="run decode steps through torch.compile (tens of seconds to compile at the first step)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     r.add_argument("--keep-map", metavar="OUT.png", help="draw which image patches survived each stage")
     r.set_defaults(func=cmd_run)

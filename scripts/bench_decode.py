@@ -1,12 +1,13 @@
-"""One decode step over the paged KV cache: blocks read in place against blocks gathered first.
+"""One decode step over the paged KV cache: the engine's decode kernel (blocks read in place)
+against torch ops (blocks gathered first).
 
     python scripts/bench_decode.py --shape llava-next-small --batch 1,4,8     # CPU, ~3 min
 
 Builds the random-weight preset, prefills one 672x672 request (2,928 image tokens) per drop ratio
 and copies its blocks to --batch distinct sequences of the pool, then times decode steps two ways
-in the same run: in place (the eager path: each row's attention reads its run of blocks through a
-view) and gathered (the CUDA-graph path: every row's padded table copied out with index_select,
-then one masked attention). Prints ms per step (median of --steps) and the ratio.
+in the same run: the kernel (pdrop_cpu_paged_decode on a CPU, pdrop_paged_decode on CUDA: each row's
+blocks read in place through its table) and torch ops (every row's table copied out with
+index_select, then one masked attention). Prints ms per step (median of --steps) and the ratio.
 """
 from __future__ import annotations
 
@@ -46,12 +47,15 @@ def sequences(engine: Engine, image, drop: float, n: int) -> list[SequenceKV]:
     return seqs
 
 
-def step_ms(engine: Engine, seqs: list[SequenceKV], in_place: bool, steps: int) -> float:
+def step_ms(engine: Engine, seqs: list[SequenceKV], kernels, steps: int) -> float:
+    """ms per step with decode attention in `kernels` (None: torch ops)."""
+    for layer in engine.llm.layers:
+        layer.attention.kv_cache.kernels = kernels
     tokens = torch.zeros(len(seqs), dtype=torch.long, device=engine.device)
     times = []
     for _ in range(steps + 1):  # the first is a warm-up
         start = time.perf_counter()
-        engine.llm.decode(tokens, DecodeBatch.of(seqs, len(seqs), engine.device, in_place=in_place))
+        engine.llm.decode(tokens, DecodeBatch.of(seqs, len(seqs), engine.device))
         engine.sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:]) * 1e3
@@ -74,18 +78,21 @@ def main() -> int:
         limits = Limits(max(batches), cfg.max_position_embeddings - 512, cfg.max_position_embeddings)
         dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
         build_engine(ckpt, Path(tmp) / "engine", PyramidSchedule.create(cfg.n_layers, 0.5), limits, dtype,
-                     progress=False)
+                     progress=False, plugins="auto")
         engine = Engine.load(Path(tmp) / "engine", device=args.device)
+        if engine.llm.decode_kernels is None:
+            raise SystemExit("error: the engine has no decode kernels (no C++ compiler, or nvcc on CUDA)")
         for drop in (float(r) for r in args.ratios.split(",")):
             seqs = sequences(engine, image, drop, max(batches))
             for b in batches:
-                gathered, in_place = (step_ms(engine, seqs[:b], mode, args.steps) for mode in (False, True))
+                gathered, in_place = (step_ms(engine, seqs[:b], kernels, args.steps)
+                                      for kernels in (None, engine.llm.decode_kernels))
                 rows.append((drop, b, seqs[0].lengths[0], seqs[0].lengths[-1], gathered, in_place))
             for s in seqs:
                 engine.pool.release(s.block_ids())
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.shape} on {name}, {engine.dtype}: ms per decode step, median of {args.steps}")
-    print("| drop | batch | KV tokens, first / last layer | gathered ms | in place ms | × gathered |")
+    print("| drop | batch | KV tokens, first / last layer | torch ops (gathered) ms | kernel (in place) ms | × torch ops |")
     print("|---|---|---|---|---|---|")
     for drop, b, first, last, gathered, in_place in rows:
         print(f"| {drop} | {b} | {first} / {last} | {gathered:.0f} | {in_place:.0f} | {in_place / gathered:.2f} |")

@@ -8,7 +8,8 @@ one), builds a pdrop engine from it and exports it with optimum-intel (`optimum-
 --task image-text-to-text`) in a virtual environment of the peer's own (--peer-venv, created on
 first use: optimum-intel pins its own transformers). Each engine serves from a worker process of its
 own (scripts/peers/*_worker.py), so each has its own threads and peak RSS. One 672x672 image,
-greedy, exactly --max-new-tokens new tokens per request (EOS ignored by both).
+greedy, exactly --max-new-tokens new tokens per request (EOS ignored by both). pdrop decodes through
+torch.compile (--no-compile: plain calls); both engines compile before the timed runs.
 
 Batch 1: TTFT and decode tok/s, median of --repeats, the engines' runs alternated. Concurrent:
 --concurrency requests at once (OpenVINO's ContinuousBatchingPipeline, pdrop's in-flight
@@ -111,6 +112,8 @@ def main() -> int:
     p.add_argument("--concurrency", default="4,8", help="comma-separated; empty for batch 1 only")
     p.add_argument("--work", type=Path, default=ROOT / ".bench" / "peers", help="checkpoint, engine, export cache")
     p.add_argument("--peer-venv", type=Path, default=ROOT / ".venv-peers")
+    p.add_argument("--no-compile", action="store_true",
+                   help="pdrop's decode steps as plain calls, not through torch.compile")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     args = p.parse_args()
 
@@ -130,11 +133,10 @@ def main() -> int:
     if not args.model and not (hf_dir / "config.json").exists():
         write_hf_checkpoint(preset_checkpoint(args.shape), hf_dir)
     engine_dir = work / f"pdrop-{args.drop_ratio}"
-    if not (engine_dir / "manifest.json").exists():
-        ckpt = open_checkpoint(hf_dir)
-        n = ckpt.llm.max_position_embeddings
-        build_engine(ckpt, engine_dir, PyramidSchedule.create(ckpt.llm.n_layers, args.drop_ratio),
-                     Limits(8, n - 512, n), "auto", force=True)
+    ckpt = open_checkpoint(hf_dir)  # built every time (seconds), so that the engine is this checkout's
+    n = ckpt.llm.max_position_embeddings
+    build_engine(ckpt, engine_dir, PyramidSchedule.create(ckpt.llm.n_layers, args.drop_ratio),
+                 Limits(8, n - 512, n), "auto", force=True)
     python = peer_venv(args.peer_venv)
     ov_dir = export_openvino(python, hf_dir, work / "openvino")
     image = work / "image.png"
@@ -142,13 +144,15 @@ def main() -> int:
 
     dtype = {"f32": "float32", "bf16": "bfloat16"}[precision]
     ov = Worker("openvino", [python, ROOT / "scripts/peers/openvino_worker.py", ov_dir, args.threads, precision])
-    pd = Worker("pdrop", [sys.executable, ROOT / "scripts/peers/pdrop_worker.py", engine_dir, args.threads, dtype])
+    pd = Worker("pdrop", [sys.executable, ROOT / "scripts/peers/pdrop_worker.py", engine_dir, args.threads, dtype,
+                          int(not args.no_compile)])
     arms = [("OpenVINO GenAI", ov, None), ("pdrop, drop 0", pd, 0.0), (f"pdrop, drop {args.drop_ratio}", pd, args.drop_ratio)]
     one = dict(op="one", image=str(image), question=QUESTION, max_new_tokens=args.max_new_tokens)
     single: dict[str, list[dict]] = {a: [] for a, _, _ in arms}
     t_start = time.perf_counter()
-    for a, w, drop in arms:  # warm-up: first-call allocations and caches, untimed
+    for a, w, drop in arms:  # warm-up: first-call allocations, caches and compiles (batch 1 and 2+), untimed
         w.ask(**one, drop_ratio=drop)
+        w.ask(op="many", image=str(image), questions=[QUESTION] * 2, max_new_tokens=4, drop_ratio=drop)
     for r in range(args.repeats):
         for a, w, drop in arms:
             single[a].append(w.ask(**one, drop_ratio=drop))

@@ -1,7 +1,11 @@
-"""Shared fixtures: the demo preset, its Hugging Face export and engines built from it, all on CPU."""
+"""Shared fixtures: the demo preset, its Hugging Face export and engines built from it, all on CPU;
+and the reading of the plugins' C headers, for the tests of their ctypes bindings."""
 from __future__ import annotations
 
+import ctypes
+import re
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,30 @@ from builder.runtime.paged_kv import SequenceKV
 from builder.runtime.pyramid import ImageSpan
 
 DEMO_LAYERS = [2, 4, 6]
+C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float, "size_t": ctypes.c_size_t,
+           "const char*": ctypes.c_char_p}
+
+
+def ctype(decl: str, named: bool):
+    """A C declaration ('const void* q', 'int batch', 'size_t') as the ctypes type it passes as."""
+    words = decl.replace("*", "* ").split()
+    if named:
+        words = words[:-1]  # the parameter's name
+    kind = " ".join(words).replace(" *", "*").replace("* ", "*")
+    if kind in C_TYPES:
+        return C_TYPES[kind]
+    assert kind.endswith("*") or kind == "cudaStream_t", f"unmapped C type {kind!r}"
+    return ctypes.c_void_p
+
+
+def header_prototypes(header: Path) -> dict[str, tuple[object, list[object]]]:
+    """Every pdrop_* function a C header declares, as (restype, argtypes) for ctypes."""
+    text = re.sub(r"/\*.*?\*/", "", header.read_text(), flags=re.S)
+    protos = {}
+    for ret, name, params in re.findall(r"^([\w ]+\**)\s+(pdrop_\w+)\(([^)]*)\);", text, flags=re.M):
+        args = [] if params.strip() == "void" else [ctype(p, named=True) for p in params.split(",")]
+        protos[name] = (ctype(ret, named=False), args)
+    return protos
 
 
 @contextmanager
@@ -61,9 +89,9 @@ def hf_dir(demo_ckpt, tmp_path_factory):
     return write_hf_checkpoint(demo_ckpt, tmp_path_factory.mktemp("hf") / "demo-hf")
 
 
-def _build(ckpt, path, drop, exports=(), dtype="auto"):
+def _build(ckpt, path, drop, exports=(), dtype="auto", cpu_kernels="auto"):
     build_engine(ckpt, path, PyramidSchedule.create(8, drop, DEMO_LAYERS), Limits(8, 1536, 2048), dtype,
-                 progress=False, exports=exports)
+                 progress=False, exports=exports, cpu_kernels=cpu_kernels)
     return path
 
 

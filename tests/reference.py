@@ -92,3 +92,32 @@ class Reference:
             h = self.layer(i, h, pos)
         logits = self.norm(h[-1], self.t["language_model.norm.weight"]) @ self.t["lm_head.weight"].T
         return logits, kept_per_stage
+
+
+def paged_decode_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                           num_keys: torch.Tensor) -> torch.Tensor:
+    """Decode attention over paged keys, row by row, in fp32: row b's keys are its first num_keys[b]
+    tokens of blocks tables[b] ((blocks, block_size, kv, dim) pools); a row with none gets zeros."""
+    heads, kv = q.shape[1], k_pool.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for b, n in enumerate(num_keys.tolist()):
+        if n:
+            k, v = (pool[tables[b].cpu()].flatten(0, 1)[:n].float().cpu().repeat_interleave(heads // kv, 1)
+                    for pool in (k_pool, v_pool))  # (n, heads, dim)
+            scores = torch.einsum("hd,nhd->hn", q[b].float().cpu(), k) * q.shape[-1] ** -0.5
+            out[b] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)
+    return out
+
+
+def random_paged_batch(gen: torch.Generator, batch: int, heads: int, kv: int, dim: int, block_size: int,
+                       dtype: torch.dtype, max_keys: int = 1200):
+    """q, pools, tables (scattered block ids, as wide as the longest row plus slack) and ragged
+    num_keys, one row empty."""
+    num_keys = torch.randint(1, max_keys, (batch,), generator=gen)
+    num_keys[batch // 2] = 0  # a padding row
+    width = int(num_keys.max()) // block_size + 3
+    n_blocks = batch * width + 1
+    k_pool, v_pool = (torch.randn(n_blocks, block_size, kv, dim, generator=gen).to(dtype) for _ in range(2))
+    tables = torch.randperm(n_blocks - 1, generator=gen)[:batch * width].view(batch, width) + 1
+    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    return q, k_pool, v_pool, tables, num_keys

@@ -18,7 +18,7 @@ def test_pdrop_worker_answers_one_many_and_rss(engine_dir, tmp_path):
     cmds = [dict(op="one", image=image, question="What is it?", max_new_tokens=6, drop_ratio=0.0),
             dict(op="many", image=image, questions=["a?", "b?", "c?"], max_new_tokens=5, drop_ratio=0.5),
             dict(op="rss")]
-    out = subprocess.run([sys.executable, str(WORKER), str(engine_dir), "2", "float32"], cwd=WORKER.parents[2],
+    out = subprocess.run([sys.executable, str(WORKER), str(engine_dir), "2", "float32", "0"], cwd=WORKER.parents[2],
                          input="".join(json.dumps(c) + "\n" for c in cmds), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr

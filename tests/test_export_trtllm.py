@@ -28,7 +28,7 @@ from builder.format.config import PyramidSchedule
 from builder.format.errors import ExportError
 from builder.format.manifest import read_manifest
 from builder.runtime.engine import Engine
-from builder.runtime.packed_linear import pack_linears
+from builder.runtime.kernel_linear import use_kernel_linears
 from builder.runtime.sampling import SamplingParams
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
@@ -110,7 +110,8 @@ def test_tensors_are_the_source_checkpoints(ckpt_dir, demo_ckpt):
 
 def test_round_trip_gives_identical_logits(exported_dir, ckpt_dir):
     engine = Engine.load(exported_dir, device="cpu")
-    imported = pack_linears(read_checkpoint(ckpt_dir, engine.manifest.limits.max_seq_len))  # run as the engine runs
+    imported = use_kernel_linears(read_checkpoint(ckpt_dir, engine.manifest.limits.max_seq_len),
+                                  engine.llm.decode_kernels)  # run as the engine runs
     ours, theirs = engine.llm.state_dict(), imported.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(t, ours[k]) for k, t in theirs.items())
     req = engine.prepare("USER: <image>\nWhat is here? ASSISTANT:", make_image(100, 150, 1), SamplingParams(),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import paged_decode_reference, random_paged_batch
 
 from builder.convert.plugins import compile_plugins, find_nvcc
 from builder.runtime import pyramid
@@ -61,6 +62,32 @@ def test_kernels_equal_the_torch_reference(kernels, dtype, seed):
         off, img_off, kept_off, out_off = off + length, img_off + n, kept_off + n_keeps[b], out_off + new_len
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv, dim, block_size", [(32, 8, 128, 16), (32, 32, 128, 16), (28, 4, 64, 7)])
+def test_paged_decode_equals_the_plain_reference(kernels, dtype, heads, kv, dim, block_size):
+    gen = torch.Generator().manual_seed(heads + dim + block_size)
+    batch = [t.cuda() for t in random_paged_batch(gen, 6, heads, kv, dim, block_size, dtype, max_keys=3000)]
+    got = kernels.paged_decode(*batch)
+    want = paged_decode_reference(*batch)
+    assert got.dtype == dtype and (got.float().cpu() - want).abs().max().item() < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_paged_decode_replays_in_a_cuda_graph_with_new_tables_and_lengths(kernels):
+    """The launch depends only on the shapes: captured once, replayed over other tables and lengths."""
+    gen = torch.Generator().manual_seed(5)
+    q, k_pool, v_pool, tables, num_keys = (t.cuda() for t in random_paged_batch(gen, 4, 32, 8, 128, 16, torch.bfloat16))
+    kernels.paged_decode(q, k_pool, v_pool, tables, num_keys)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.paged_decode(q, k_pool, v_pool, tables, num_keys)
+    q.copy_(torch.randn(q.shape, generator=gen).to(q))
+    tables.copy_(tables.flip(0).roll(1, dims=1))
+    num_keys.copy_(torch.tensor([1, 0, 700, tables.shape[1] * 16]))
+    graph.replay()
+    want = paged_decode_reference(q, k_pool, v_pool, tables, num_keys)
+    assert (out.float().cpu() - want).abs().max().item() < 2e-2
+
+
 def test_select_ties_go_to_the_lower_index(kernels):
     scores = torch.tensor([0.1, 0.5, 0.5, 0.2, 0.5, 0.0, 0.5], device="cuda")
     for n_keep in range(8):
@@ -75,9 +102,11 @@ def test_engine_greedy_with_kernels_equals_torch_ops(engine_dir, demo_ckpt, imag
     build_engine(demo_ckpt, tmp_path / "e", PyramidSchedule.create(8, 0.5, [2, 4, 6]), Limits(4, 1536, 2048),
                  progress=False, plugins="on", cuda_archs=[f"{major}{minor}"])
     fast = Engine.load(tmp_path / "e", device="cuda")
-    assert fast.llm.kernels is not None
+    assert fast.llm.kernels is not None and fast.llm.layers[0].attention.kv_cache.kernels is fast.llm.kernels
     plain = Engine.load(tmp_path / "e", device="cuda")
-    plain.llm.kernels = None
+    plain.llm.kernels = None  # the drop on torch ops, and decode attention too:
+    for layer in plain.llm.layers:
+        layer.attention.kv_cache.kernels = None
     prompts = ["USER: <image>\nWhat? ASSISTANT:"] * 3
     imgs = images[:3]
     for a, b in zip(fast.generate(prompts, imgs, max_new_tokens=16), plain.generate(prompts, imgs, max_new_tokens=16)):

@@ -9,6 +9,7 @@ and, run for real in a subprocess, that a client loads no torch and a loaded eng
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,12 @@ def test_loading_an_engine_loads_no_build_serve_or_training_code(engine_dir):
     loaded = run_python(f"import sys; from builder import Engine; Engine.load({str(engine_dir)!r}, device='cpu'); "
                         "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('builder.')}))")
     assert loaded == "['format', 'runtime']"
+
+
+def test_the_plugins_include_no_torch():
+    """plugins/ is C++/CUDA over a C ABI: a TensorRT plugin or any C caller can link it without torch."""
+    sources = [p for p in (ROOT / "plugins").rglob("*") if p.suffix in (".h", ".cu", ".cuh", ".cpp")]
+    assert len(sources) >= 4
+    for path in sources:
+        includes = re.findall(r"^\s*#\s*include\s*[<\"]([^>\"]+)", path.read_text(), flags=re.M)
+        assert not [i for i in includes if i.startswith(("torch", "ATen", "c10", "pybind11", "Python"))], path

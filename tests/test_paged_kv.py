@@ -1,6 +1,8 @@
-"""The paged KV cache: first-fit allocation, and decode attention that reads a row's blocks in place,
-copies them when they are scattered, or gathers padded tables (CUDA graphs): one answer."""
+"""The paged KV cache: first-fit allocation, and decode attention that reads each row's blocks in
+place (the engine's kernel), scattered or in one run, or gathers them (torch ops): one answer."""
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from conftest import prefilled
@@ -22,12 +24,26 @@ def test_allocation_takes_the_first_hole_that_fits_else_the_lowest_free_blocks()
     assert pool.allocate(5) == [16, 17, 18, 19, 20]  # the hole of 1 left at 10 is too small
     assert pool.n_free == 1
     seq = SequenceKV.of([3, 4, 9, 5, 6, 7], [2, 1, 3])
-    assert seq.runs == [3, 9, 5] and SequenceKV.of([4, 3, 9], [2, 1]).runs == [None, 9]
+    assert seq.tables.tolist() == [[3, 4, 0], [9, 0, 0], [5, 6, 7]] and seq.n_blocks == [2, 1, 3]
 
 
-def test_decode_reads_in_place_copied_and_gathered_alike(engine, images):
-    """One sequence's blocks scattered over holes, one's in a run: the per-row in-place step (the
-    scattered row copied out), and the padded gather a CUDA graph runs, give the same logits."""
+@contextmanager
+def torch_ops(engine):
+    """Decode attention on torch ops (blocks gathered) instead of the engine's kernel, for a while."""
+    caches = [layer.attention.kv_cache for layer in engine.llm.layers]
+    for cache in caches:
+        cache.kernels = None
+    try:
+        yield
+    finally:
+        for cache in caches:
+            cache.kernels = engine.llm.decode_kernels
+
+
+def test_decode_kernel_reads_scattered_and_consecutive_blocks_as_torch_ops_do(engine, images):
+    """One sequence's blocks scattered over holes, one's in a run: the kernel reading them in place
+    and torch ops gathering them give the same logits, batched or alone."""
+    assert engine.llm.decode_kernels is not None  # the CPU kernel, built into the test engine
     pool, params = engine.pool, SamplingParams(max_new_tokens=4)
     reqs = [engine.prepare(PROMPT, images[0], params), engine.prepare("USER: hi ASSISTANT:", None, params)]
     with prefilled(engine, reqs[1]) as (*_, run), torch.inference_mode():
@@ -35,29 +51,35 @@ def test_decode_reads_in_place_copied_and_gathered_alike(engine, images):
         for p in pieces[::2]:
             pool.release(p)  # only holes of 3 blocks are left: the next sequence's blocks scatter
         with prefilled(engine, reqs[0]) as (*_, scattered):
-            assert None in scattered.runs and None not in run.runs
+            assert (scattered.tables[0, 1:scattered.n_blocks[0]].diff() != 1).any()
+            assert (run.tables[0, 1:run.n_blocks[0]].diff() == 1).all()
             tokens = torch.tensor([5, 7])
-            logits = [engine.llm.decode(tokens, DecodeBatch.of([scattered, run], 2, engine.device, in_place=p))
-                      for p in (True, False)]
+            batch = DecodeBatch.of([scattered, run], 2, engine.device)
+            kernel = engine.llm.decode(tokens, batch)
+            with torch_ops(engine):
+                gathered = engine.llm.decode(tokens, batch)
             alone = engine.llm.decode(tokens[1:], DecodeBatch.of([run], 1, engine.device))
         for p in pieces[1::2]:
             pool.release(p)
-    assert (logits[0] - logits[1]).abs().max().item() < 1e-5
-    assert (logits[0][1] - alone[0]).abs().max().item() < 1e-5
+    assert (kernel - gathered).abs().max().item() < 1e-5
+    assert (kernel[1] - alone[0]).abs().max().item() < 1e-5
     assert pool.n_free == pool.num_blocks
 
 
-def test_each_layer_gathers_only_the_blocks_it_holds(engine, images):
-    """The gathered (CUDA-graph) step pads layer i's table to what layer i holds, so deep stages read
-    less at drop 0.5; padded wider still (graph buckets), the logits do not change."""
+def test_each_layer_reads_only_the_blocks_it_holds(engine, images):
+    """A step's layer i table is as wide as what layer i holds, so deep stages read less at drop 0.5;
+    padded wider with padding rows (CUDA-graph buckets), the logits do not change, kernel or torch ops."""
     req = engine.prepare(PROMPT, images[0], SamplingParams(max_new_tokens=4), drop_ratio=0.5)
     with prefilled(engine, req) as (*_, seq), torch.inference_mode():
-        batch = DecodeBatch.of([seq], 1, engine.device, in_place=False)
+        batch = DecodeBatch.of([seq], 1, engine.device)
         assert [t.shape[1] for t in batch.tables] == seq.n_blocks
         assert seq.n_blocks[-1] < seq.n_blocks[0] / 2
         tokens = torch.tensor([5])
         exact = engine.llm.decode(tokens, batch)
-        padded = engine.llm.decode(tokens, DecodeBatch.of([seq], 2, engine.device, [n + 3 for n in seq.n_blocks],
-                                                          in_place=False))
-        in_place = engine.llm.decode(tokens, DecodeBatch.of([seq], 1, engine.device))
-    assert (exact - padded[:1]).abs().max().item() < 1e-5 and (exact - in_place).abs().max().item() < 1e-5
+        wide = DecodeBatch.of([seq], 2, engine.device, [n + 3 for n in seq.n_blocks])
+        padded = engine.llm.decode(torch.tensor([5, 0]), wide)
+        with torch_ops(engine):
+            gathered = engine.llm.decode(tokens, batch)
+            gathered_padded = engine.llm.decode(torch.tensor([5, 0]), wide)
+    for other in (padded[:1], gathered, gathered_padded[:1]):
+        assert (exact - other).abs().max().item() < 1e-5

@@ -3,7 +3,6 @@ and its C header agrees with the ctypes binding. The kernels' numbers are checke
 test_gpu_kernels.py, on a GPU."""
 from __future__ import annotations
 
-import ctypes
 import re
 import shutil
 import subprocess
@@ -11,17 +10,22 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import header_prototypes
 
-from builder.convert.plugins import PLUGINS, check_archs, compile_plugins, find_nvcc, nvcc_command
+from builder.convert.plugins import (
+    CPU_VARIANTS,
+    PLUGINS,
+    check_archs,
+    compile_plugins,
+    cpu_library,
+    find_nvcc,
+    nvcc_command,
+)
 from builder.format.errors import ConfigError
 from builder.runtime.engine import Engine
 from builder.runtime.kernels import ABI_VERSION, SIGNATURES, Kernels
 
 pytestmark = pytest.mark.skipif(find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")
-
-C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float, "size_t": ctypes.c_size_t,
-           "const char*": ctypes.c_char_p}
-
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
@@ -29,29 +33,8 @@ def library(tmp_path_factory):
     return compile_plugins(["80", "90"], cache=tmp_path_factory.mktemp("cache"), progress=False)
 
 
-def ctype(decl: str, named: bool):
-    """A C declaration ('const void* q', 'int batch', 'size_t') as the ctypes type it passes as."""
-    words = decl.replace("*", "* ").split()
-    if named:
-        words = words[:-1]  # the parameter's name
-    kind = " ".join(words).replace(" *", "*").replace("* ", "*")
-    if kind in C_TYPES:
-        return C_TYPES[kind]
-    assert kind.endswith("*") or kind == "cudaStream_t", f"unmapped C type {kind!r}"
-    return ctypes.c_void_p
-
-
-def header_prototypes() -> dict[str, tuple[object, list[object]]]:
-    text = re.sub(r"/\*.*?\*/", "", (PLUGINS / "include" / "pdrop_plugins.h").read_text(), flags=re.S)
-    protos = {}
-    for ret, name, params in re.findall(r"^([\w ]+\**)\s+(pdrop_\w+)\(([^)]*)\);", text, flags=re.M):
-        args = [] if params.strip() == "void" else [ctype(p, named=True) for p in params.split(",")]
-        protos[name] = (ctype(ret, named=False), args)
-    return protos
-
-
 def test_header_and_binding_agree():
-    assert header_prototypes() == {name: (ret, args) for name, (ret, args) in SIGNATURES.items()}
+    assert header_prototypes(PLUGINS / "include" / "pdrop_plugins.h") == SIGNATURES
 
 
 def test_library_compiles_loads_and_answers_without_a_gpu(library):
@@ -106,11 +89,13 @@ def test_engine_ships_the_kernels_and_cpu_runs_torch_ops(demo_ckpt, tmp_path, im
 
     manifest, _ = build_engine(demo_ckpt, tmp_path / "e", PyramidSchedule.create(8, 0.5, [2, 4, 6]),
                                Limits(2, 1536, 2048), progress=False, plugins="on", cuda_archs=["80"])
+    cpu = {"libraries": {v: cpu_library(v) for v in CPU_VARIANTS}, "kernels": ["pdrop_cpu_paged_decode", "pdrop_cpu_linear"],
+           "abi_version": 1}
     assert manifest.plugins == {"library": "libpdrop_plugins.so", "kernels": ["pdrop_score", "pdrop_select",
-                                "pdrop_compact"], "archs": ["80"], "ptx": "compute_80", "abi_version": 1,
-                                "tensorrt_plugin": None}
-    assert "libpdrop_plugins.so" in manifest.files
+                                "pdrop_compact", "pdrop_paged_decode"], "archs": ["80"], "ptx": "compute_80",
+                                "abi_version": 2, "tensorrt_plugin": None, "cpu": cpu}
+    assert "libpdrop_plugins.so" in manifest.files and all(f in manifest.files for f in cpu["libraries"].values())
     engine = Engine.load(tmp_path / "e", device="cpu")
-    assert engine.llm.kernels is None
+    assert engine.llm.kernels is None and engine.llm.decode_kernels is not None  # the CPU library
     [r] = engine.generate(["<image>\nHi ASSISTANT:"], [images[0]], max_new_tokens=3)
     assert [s.tokens_kept for s in r.stages] == [84, 42, 21]

@@ -85,6 +85,7 @@ def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tupl
     """The libraries to ship ('auto': when nvcc is there, 'on': required, 'off') and their record:
     the kernels, and the TensorRT plugin where TensorRT headers are found."""
     from .plugins import (
+        ABI_VERSION,
         DEFAULT_ARCHS,
         KERNELS,
         LIBRARY,
@@ -104,12 +105,27 @@ def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tupl
     archs = archs or DEFAULT_ARCHS
     paths = [compile_plugins(archs, progress=progress)]
     record = {"library": LIBRARY, "kernels": KERNELS, "archs": archs, "ptx": f"compute_{ptx_arch(archs)}",
-              "abi_version": 1, "tensorrt_plugin": None}
+              "abi_version": ABI_VERSION, "tensorrt_plugin": None}
     tensorrt = find_tensorrt_include()
     if tensorrt:
         paths.append(compile_plugins(archs, progress=progress, tensorrt=tensorrt))
         record["tensorrt_plugin"] = {"library": TRT_LIBRARY, **TRT_PLUGIN}
     return paths, record
+
+
+def cpu_kernel_libraries(mode: str, progress: bool) -> tuple[list[Path], dict]:
+    """The CPU decode-attention libraries to ship ('auto': when a C++ compiler is there, 'on':
+    required, 'off') and their record: instruction set -> library file."""
+    from .plugins import CPU_ABI_VERSION, CPU_KERNELS, compile_cpu_kernels, find_cxx
+
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"--cpu-kernels must be auto, on or off, got '{mode}'")
+    if mode == "off" or (mode == "auto" and find_cxx() is None):
+        reason = "disabled" if mode == "off" else "no C++ compiler at build time"
+        return [], {"libraries": None, "reason": reason}
+    paths = compile_cpu_kernels(progress=progress)
+    return list(paths.values()), {"libraries": {variant: p.name for variant, p in paths.items()},
+                                  "kernels": CPU_KERNELS, "abi_version": CPU_ABI_VERSION}
 
 
 def write_exports(engine_dir: Path, exports: Sequence[str], ckpt: Checkpoint, schedule: PyramidSchedule,
@@ -129,7 +145,8 @@ def write_exports(engine_dir: Path, exports: Sequence[str], ckpt: Checkpoint, sc
 
 def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule, limits: Limits,
                  dtype: str = "auto", force: bool = False, progress: bool = True, plugins: str = "off",
-                 cuda_archs: list[str] | None = None, exports: Sequence[str] = ()) -> tuple[Manifest, int]:
+                 cuda_archs: list[str] | None = None, exports: Sequence[str] = (),
+                 cpu_kernels: str = "auto") -> tuple[Manifest, int]:
     """Convert `ckpt` into an engine directory at `output`, with the `exports` named (EXPORTS).
     Returns the manifest and parameter count."""
     llm = ckpt.llm
@@ -146,8 +163,9 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
     llm_plan, vision_plan = llm_weight_plan(llm.n_layers, tied), vision_weight_plan(ckpt.names)
     output = Path(output)
     libraries, plugin_record = plugin_libraries(plugins, cuda_archs, progress)
+    cpu_libraries, plugin_record["cpu"] = cpu_kernel_libraries(cpu_kernels, progress)
     with staging_dir(output, force) as tmp:
-        for library in libraries:
+        for library in libraries + cpu_libraries:
             shutil.copy(library, tmp / library.name)
         total = sum(len(s) for s in llm_plan.values()) + sum(len(s) for s in vision_plan.values())
         with tqdm(total=total, desc="converting", unit="tensor", disable=not progress) as bar:

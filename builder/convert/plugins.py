@@ -1,13 +1,17 @@
-"""Compile plugins/ (the CUDA kernels) into libpdrop_plugins.so with nvcc, cached by source hash."""
+"""Compile plugins/ into shared libraries, cached by source hash: the CUDA kernels
+(libpdrop_plugins.so, nvcc) and the CPU decode attention (libpdrop_cpu*.so, a C++ compiler, one
+library per x86 instruction set so that an engine runs on any CPU and fast on each)."""
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..format.errors import ConfigError, PdropError
 
@@ -15,8 +19,14 @@ PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 LIBRARY = "libpdrop_plugins.so"
 TRT_LIBRARY = "libpdrop_trt_plugin.so"
 TRT_PLUGIN = {"name": "PdropRankCompact", "version": "1", "namespace": "pdrop"}
-KERNELS = ["pdrop_score", "pdrop_select", "pdrop_compact"]
+KERNELS = ["pdrop_score", "pdrop_select", "pdrop_compact", "pdrop_paged_decode"]
+ABI_VERSION = 2
 DEFAULT_ARCHS = ["80", "86", "89", "90"]
+CPU_KERNELS = ["pdrop_cpu_paged_decode", "pdrop_cpu_linear"]
+CPU_ABI_VERSION = 1
+# instruction set (as torch.backends.cpu.get_cpu_capability names it, lower-cased) -> compiler flags
+CPU_VARIANTS = ({"avx512": ["-march=x86-64-v4"], "avx2": ["-march=x86-64-v3"], "default": []}
+                if platform.machine() in ("x86_64", "AMD64") else {"default": []})
 
 
 def find_nvcc() -> str | None:
@@ -71,6 +81,45 @@ def nvcc_command(nvcc: str, archs: list[str], out: Path, tensorrt: Path | None =
             "all-warnings", f"-I{PLUGINS / 'include'}", *extra, *gencode, "-o", str(out), *map(str, sources)]
 
 
+def _cache_dir(cache: Path | None) -> Path:
+    return cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdrop" / "plugins"
+
+
+def _source_digest(command: list[str], compiler_version: str) -> str:
+    digest = hashlib.sha256(" ".join(command).encode() + compiler_version.encode())
+    for f in sorted(PLUGINS.rglob("*")):
+        if f.suffix in (".h", ".cu", ".cuh", ".cpp"):
+            digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _compile(command: Callable[[Path], list[str]], target: Path, what: str, progress: bool) -> Path:
+    """Run command(output path) into a temporary name and rename it to `target`, unless `target` is
+    cached: an interrupted compile leaves nothing under the target's name."""
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    if progress:
+        print(f"compiling {what} ...", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    argv = command(tmp)
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])
+        raise PdropError(f"{Path(argv[0]).name} failed to compile {what}: {first}")
+    tmp.rename(target)
+    if progress:
+        print(f"compiled in {time.monotonic() - start:.1f} s (cached at {target.parent})", file=sys.stderr)
+    return target
+
+
+def _require_sources(header: str) -> None:
+    if not (PLUGINS / "include" / header).is_file():
+        raise PdropError(f"plugin sources not found at {PLUGINS}: building kernels needs a source checkout")
+
+
 def compile_plugins(archs: list[str] | None = None, nvcc: str | None = None, cache: Path | None = None,
                     progress: bool = True, tensorrt: Path | None = None) -> Path:
     """Build (or take from the cache) the kernel library for `archs`, or with `tensorrt` headers the
@@ -78,31 +127,45 @@ def compile_plugins(archs: list[str] | None = None, nvcc: str | None = None, cac
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise PdropError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
-    if not (PLUGINS / "include" / "pdrop_plugins.h").is_file():
-        raise PdropError(f"plugin sources not found at {PLUGINS}: building kernels needs a source checkout")
+    _require_sources("pdrop_plugins.h")
     archs = archs or DEFAULT_ARCHS
     check_archs(nvcc, archs)
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(" ".join(nvcc_command("nvcc", archs, Path("x"), tensorrt)).encode() + version.encode())
-    for f in sorted(PLUGINS.rglob("*")):
-        if f.suffix in (".h", ".cu", ".cuh", ".cpp"):
-            digest.update(f.name.encode() + f.read_bytes())
-    cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdrop" / "plugins"
-    target = cache / digest.hexdigest()[:16] / (TRT_LIBRARY if tensorrt else LIBRARY)
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    if progress:
-        what = "the TensorRT plugin" if tensorrt else "CUDA kernels"
-        print(f"compiling {what} for sm_{', sm_'.join(archs)} ...", file=sys.stderr, flush=True)
-    start = time.monotonic()
-    done = subprocess.run(nvcc_command(nvcc, archs, tmp, tensorrt), capture_output=True, text=True)
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])
-        raise PdropError(f"nvcc failed to compile the kernels: {first}")
-    tmp.rename(target)
-    if progress:
-        print(f"compiled in {time.monotonic() - start:.1f} s (cached at {target.parent})", file=sys.stderr)
-    return target
+    digest = _source_digest(nvcc_command("nvcc", archs, Path("x"), tensorrt), version)
+    target = _cache_dir(cache) / digest / (TRT_LIBRARY if tensorrt else LIBRARY)
+    what = "the TensorRT plugin" if tensorrt else "CUDA kernels"
+    return _compile(lambda out: nvcc_command(nvcc, archs, out, tensorrt), target,
+                    f"{what} for sm_{', sm_'.join(archs)}", progress)
+
+
+def find_cxx() -> str | None:
+    """The C++ compiler: $CXX, else g++ or clang++ on the PATH."""
+    for candidate in (os.environ.get("CXX"), "g++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def cpu_library(variant: str) -> str:
+    return "libpdrop_cpu.so" if variant == "default" else f"libpdrop_cpu_{variant}.so"
+
+
+def cxx_command(cxx: str, variant: str, out: Path) -> list[str]:
+    return [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-Wall", "-Wextra", "-Werror",
+            *CPU_VARIANTS[variant], f"-I{PLUGINS / 'include'}", "-o", str(out), str(PLUGINS / "src" / "pdrop_cpu.cpp")]
+
+
+def compile_cpu_kernels(cxx: str | None = None, cache: Path | None = None, progress: bool = True) -> dict[str, Path]:
+    """Build (or take from the cache) the CPU kernel library for every instruction set in
+    CPU_VARIANTS; returns variant -> path."""
+    cxx = cxx or find_cxx()
+    if cxx is None:
+        raise PdropError("no C++ compiler found: install g++ or set CXX")
+    _require_sources("pdrop_cpu.h")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    paths = {}
+    for variant in CPU_VARIANTS:
+        target = _cache_dir(cache) / _source_digest(cxx_command("c++", variant, Path("x")), version) / cpu_library(variant)
+        paths[variant] = _compile(lambda out: cxx_command(cxx, variant, out), target, f"CPU kernels ({variant})",
+                                  progress)
+    return paths

@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 from ..format.config import DTYPES, PyramidSchedule
 from ..format.errors import EngineError, InputError
 from ..format.manifest import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
-from .decode import EagerDecoder, GraphDecoder
+from .decode import Decoder, GraphDecoder
 from .images import load_image
 from .model import Transformer
-from .packed_linear import pack_linears
+from .kernel_linear import use_kernel_linears
 from .paged_kv import BlockPool
 from .rope import Rope
 from .sampling import SamplingParams
@@ -103,11 +103,25 @@ def load_kernels(path: Path, manifest, device: torch.device):
     return Kernels(path / library)
 
 
+def load_cpu_kernels(path: Path, manifest):
+    """The engine's CPU decode attention for this CPU's instruction set; else None (torch ops), said once."""
+    record = manifest.plugins.get("cpu", {"libraries": None, "reason": "engine built before CPU kernels"})
+    libraries = record["libraries"]
+    if not libraries:
+        warnings.warn(f"pdrop: engine has no CPU kernels ({record['reason']}); decode attention runs on torch ops",
+                      stacklevel=3)
+        return None
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    from .kernels import CpuKernels
+
+    return CpuKernels(path / libraries.get(capability, libraries["default"]))
+
+
 class Engine:
     def __init__(self, path: Path, manifest, llm: Transformer, vision: VisionEncoder, processor, device,
                  cuda_graphs: bool = True, kv_cache_tokens: int | None = None, block_size: int = 16,
                  scheduler: str = "inflight", max_queued_requests: int = 64,
-                 kv_cache_memory_fraction: float | None = None):
+                 kv_cache_memory_fraction: float | None = None, compiled: bool = False):
         self.path, self.manifest, self.llm, self.vision = path, manifest, llm, vision
         self.processor, self.tokenizer, self.device = processor, processor.tokenizer, device
         # no token stands for more prompt bytes than its vocabulary string takes (spaces and raw
@@ -122,7 +136,7 @@ class Engine:
                               cfg.head_dim, self.dtype, device)
         llm.attach(self.pool)
         graphs = cuda_graphs and device.type == "cuda"
-        self.decoder = GraphDecoder(llm, block_size) if graphs else EagerDecoder(llm)
+        self.decoder = GraphDecoder(llm, block_size, compiled) if graphs else Decoder(llm, compiled)
         self.scheduler = Scheduler(self, self.pool, limits.max_batch_size, max_queued_requests, scheduler)
 
     def _pool_tokens(self, memory_fraction: float | None, block_size: int) -> int:
@@ -143,11 +157,12 @@ class Engine:
     def load(cls, path: str | Path, device: str | torch.device = "auto", dtype: str | None = None,
              verify: bool = True, cuda_graphs: bool = True, kv_cache_tokens: int | None = None,
              scheduler: str = "inflight", max_queued_requests: int = 64,
-             kv_cache_memory_fraction: float | None = None) -> "Engine":
+             kv_cache_memory_fraction: float | None = None, compiled: bool = False) -> "Engine":
         """Load an engine directory; `dtype` (float32, float16, bfloat16) is the precision it runs
         in, by default the engine's own on a GPU and the CPU's fastest (resolve_dtype); `verify`
         checks every file's sha256 against the manifest;
-        `cuda_graphs` replays decode steps from CUDA graphs on a CUDA device; the KV pool holds
+        `cuda_graphs` replays decode steps from CUDA graphs on a CUDA device; `compiled` runs them
+        through torch.compile (a compile per batch shape at first use, tens of seconds); the KV pool holds
         `kv_cache_tokens` token slots per layer (default max_batch_size x max_seq_len), or on CUDA
         `kv_cache_memory_fraction` of the free memory; `scheduler` is "inflight" (requests join and
         leave between steps) or "static" (the baseline)."""
@@ -164,18 +179,19 @@ class Engine:
         llm.rope = Rope(cfg.head_dim, cfg.rope_theta, manifest.limits.max_seq_len)
         llm = llm.to(device=device, dtype=torch_dtype).eval()
         llm.kernels = load_kernels(path, manifest, device)
+        llm.decode_kernels = llm.kernels if device.type == "cuda" else load_cpu_kernels(path, manifest)
         vision = VisionEncoder(manifest.vision, cfg.dim)
         vision.load_weights(load_file(path / VISION_WEIGHTS))
         vision = vision.to(device=device, dtype=torch_dtype).eval()
-        for module in (llm, vision):
-            pack_linears(module)
+        if device.type == "cpu" and llm.decode_kernels is not None:
+            use_kernel_linears(llm, llm.decode_kernels)
         try:
             processor = AutoProcessor.from_pretrained(path)
         except Exception as e:
             raise EngineError(f"cannot load the processor of engine {path}: {e}") from None
         return cls(path, manifest, llm, vision, processor, device, cuda_graphs, kv_cache_tokens,
                    scheduler=scheduler, max_queued_requests=max_queued_requests,
-                   kv_cache_memory_fraction=kv_cache_memory_fraction)
+                   kv_cache_memory_fraction=kv_cache_memory_fraction, compiled=compiled)
 
     # ---- serving: requests come and go while the scheduler steps in its own thread ---------
 

@@ -1,4 +1,5 @@
-"""ctypes binding of the CUDA kernels in plugins/ (libpdrop_plugins.so, C ABI in pdrop_plugins.h).
+"""ctypes binding of the CUDA kernels in plugins/ (libpdrop_plugins.so, C ABI in pdrop_plugins.h)
+and of the CPU decode attention (libpdrop_cpu*.so, pdrop_cpu.h).
 
 Tensors go in as raw device pointers, enqueued on the current torch stream; the kernels never
 synchronise. SIGNATURES is checked against the C header by the tests.
@@ -12,7 +13,8 @@ import torch
 
 from ..format.errors import EngineError
 
-ABI_VERSION = 1
+ABI_VERSION = 2
+CPU_ABI_VERSION = 1
 _p, _i32, _i64, _f32, _size = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_size_t
 
 # name -> (restype, argtypes), in the header's order
@@ -23,6 +25,13 @@ SIGNATURES = {
     "pdrop_score": (_i32, [_p, _p, _p, _p, _p, _p, _i32, _i32, _i32, _i32, _i32, _i64, _f32, _i32, _p, _p, _p]),
     "pdrop_select": (_i32, [_p, _p, _p, _p, _p, _i32, _p, _p]),
     "pdrop_compact": (_i32, [_p, _p, _p, _p, _p, _p, _p, _i32, _i64, _i64, _p, _p]),
+    "pdrop_paged_decode_workspace_size": (_size, [_i32, _i32, _i32, _i64, _i32]),
+    "pdrop_paged_decode": (_i32, [_p, _p, _p, _p, _i64, _p, _i32, _i32, _i32, _i32, _i32, _f32, _i32, _p, _p, _p]),
+}
+CPU_SIGNATURES = {
+    "pdrop_cpu_abi_version": (_i32, []),
+    "pdrop_cpu_paged_decode": (_i32, [_p, _p, _p, _p, _i64, _p, _i32, _i32, _i32, _i32, _i32, _f32, _i32, _i32, _p]),
+    "pdrop_cpu_linear": (_i32, [_p, _p, _i32, _i64, _i32, _i32, _i32, _p]),
 }
 ABI_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -31,19 +40,118 @@ def _offsets(lengths: list[int], device) -> torch.Tensor:
     return torch.tensor([0] + lengths, dtype=torch.int64, device=device).cumsum(0)
 
 
-class Kernels:
-    """The three stage-boundary kernels, on ragged batches packed along the first dimension."""
+# Loaded libraries by path, for the custom ops below: a compiled decode step (torch.compile) calls the
+# kernels as ops of its graph, opaque to the compiler, where a plain ctypes call would break the graph.
+_LOADED: dict[str, "CpuKernels | Kernels"] = {}
+
+
+@torch.library.custom_op("pdrop::linear", mutates_args=())
+def _linear_op(library: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _LOADED[library]._linear(x, weight)
+
+
+@_linear_op.register_fake
+def _(library: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("pdrop::paged_decode", mutates_args=())
+def _paged_decode_op(library: str, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                     num_keys: torch.Tensor) -> torch.Tensor:
+    return _LOADED[library]._paged_decode(q, k_pool, v_pool, tables, num_keys)
+
+
+@_paged_decode_op.register_fake
+def _(library: str, q: torch.Tensor, *_) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def _open(path: str | Path, signatures: dict, abi: str, version: int) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise EngineError(f"cannot load the plugin library {path}: {e}") from None
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    if getattr(lib, abi)() != version:
+        raise EngineError(f"plugin library {path} has ABI {getattr(lib, abi)()}, expected {version}")
+    return lib
+
+
+def _paged_decode_args(q: torch.Tensor, k_pool: torch.Tensor, tables: torch.Tensor, num_keys: torch.Tensor) -> list:
+    """The arguments pdrop_paged_decode and pdrop_cpu_paged_decode share, after the pools."""
+    batch, heads, dim = q.shape
+    return [tables.data_ptr(), tables.stride(0), num_keys.data_ptr(), batch, heads, k_pool.shape[2], dim,
+            k_pool.shape[1], dim ** -0.5, ABI_DTYPES[q.dtype]]
+
+
+def _check_paged_decode(q, k_pool, v_pool, tables, num_keys) -> None:
+    if not (q.is_contiguous() and k_pool.is_contiguous() and v_pool.is_contiguous() and tables.stride(1) == 1
+            and num_keys.is_contiguous() and tables.dtype == num_keys.dtype == torch.int64):
+        raise ValueError("paged_decode: contiguous q and pools, int64 row-major tables and num_keys expected")
+
+
+class _DecodeKernels:
+    """What the CPU and CUDA libraries share: the paged decode attention, callable eagerly or from
+    inside torch.compile (as a custom op)."""
+
+    def __init__(self, path: str | Path, signatures: dict, abi: str, version: int):
+        self.path = str(path)
+        self.lib = _open(path, signatures, abi, version)
+        _LOADED[self.path] = self
+
+    def paged_decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                     num_keys: torch.Tensor) -> torch.Tensor:
+        """q (B, H, D) one token per row; pools (blocks, block_size, KV, D); tables (B, W) block ids;
+        num_keys (B,) keys of each row -> (B, H, D) attention output, read from the blocks in place."""
+        if torch.compiler.is_compiling():
+            return _paged_decode_op(self.path, q, k_pool, v_pool, tables, num_keys)
+        return self._paged_decode(q, k_pool, v_pool, tables, num_keys)
+
+
+class CpuKernels(_DecodeKernels):
+    """The CPU kernels of a decode step (pdrop_cpu.h), over host tensors, on torch's intra-op thread count."""
+
+    dtypes = (torch.float32, torch.bfloat16)
 
     def __init__(self, path: str | Path):
-        try:
-            self.lib = ctypes.CDLL(str(path))
-        except OSError as e:
-            raise EngineError(f"cannot load the plugin library {path}: {e}") from None
-        for name, (restype, argtypes) in SIGNATURES.items():
-            fn = getattr(self.lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-        if self.lib.pdrop_abi_version() != ABI_VERSION:
-            raise EngineError(f"plugin library {path} has ABI {self.lib.pdrop_abi_version()}, expected {ABI_VERSION}")
+        super().__init__(path, CPU_SIGNATURES, "pdrop_cpu_abi_version", CPU_ABI_VERSION)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) . weight (out, in)^T -> (rows, out), both of one dtype, contiguous."""
+        if torch.compiler.is_compiling():
+            return _linear_op(self.path, x, weight)
+        return self._linear(x, weight)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+        ok = x.is_contiguous() and weight.is_contiguous() and x.shape[1] == weight.shape[1] and x.dtype == weight.dtype
+        if not ok or self.lib.pdrop_cpu_linear(x.data_ptr(), weight.data_ptr(), x.shape[0], weight.shape[0], x.shape[1],
+                                               ABI_DTYPES[x.dtype], torch.get_num_threads(), y.data_ptr()) != 0:
+            raise ValueError(f"pdrop_cpu_linear: invalid argument (x {tuple(x.shape)} {x.dtype}, weight "
+                             f"{tuple(weight.shape)} {weight.dtype})")
+        return y
+
+    def _paged_decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                      num_keys: torch.Tensor) -> torch.Tensor:
+        _check_paged_decode(q, k_pool, v_pool, tables, num_keys)
+        out = torch.empty_like(q)
+        status = self.lib.pdrop_cpu_paged_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(),
+                                                 *_paged_decode_args(q, k_pool, tables, num_keys),
+                                                 torch.get_num_threads(), out.data_ptr())
+        if status != 0:
+            raise ValueError(f"pdrop_cpu_paged_decode: invalid argument (shapes {tuple(q.shape)}, "
+                             f"{tuple(k_pool.shape)}, {tuple(tables.shape)}, dtype {q.dtype})")
+        return out
+
+
+class Kernels(_DecodeKernels):
+    """The three stage-boundary kernels, on ragged batches packed along the first dimension, and the
+    paged decode attention."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path, SIGNATURES, "pdrop_abi_version", ABI_VERSION)
 
     def _check(self, status: int, what: str) -> None:
         if status != 0:
@@ -89,6 +197,20 @@ class Kernels:
             scores.data_ptr(), img_off.data_ptr(), length.data_ptr(), count.data_ptr(), keep_off.data_ptr(),
             len(image_len), kept.data_ptr(), self._stream(scores)), "pdrop_select")
         return kept
+
+    def _paged_decode(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                      num_keys: torch.Tensor) -> torch.Tensor:
+        # on device tensors; the launch depends only on the shapes, so a CUDA graph replays it with
+        # new tables and lengths
+        _check_paged_decode(q, k_pool, v_pool, tables, num_keys)
+        out = torch.empty_like(q)
+        batch, heads, dim = q.shape
+        ws = torch.empty(self.lib.pdrop_paged_decode_workspace_size(batch, heads, dim, tables.stride(0),
+                                                                    k_pool.shape[1]), dtype=torch.uint8, device=q.device)
+        self._check(self.lib.pdrop_paged_decode(
+            q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), *_paged_decode_args(q, k_pool, tables, num_keys),
+            out.data_ptr(), ws.data_ptr(), self._stream(q)), "pdrop_paged_decode")
+        return out
 
     def compact(self, src: torch.Tensor, seq_lens: list[int], image_start: list[int], image_len: list[int],
                 kept: torch.Tensor, n_keep: list[int]) -> torch.Tensor:

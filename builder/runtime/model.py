@@ -89,11 +89,12 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_seq_len)
         self.kernels = None  # runtime.kernels.Kernels on CUDA when the engine ships them
+        self.decode_kernels = None  # the paged decode attention: Kernels on CUDA, CpuKernels on the CPU
 
     def attach(self, pool: BlockPool) -> None:
         """Every layer's attention reads and writes its keys and values through `pool`."""
         for i, layer in enumerate(self.layers):
-            layer.attention.kv_cache = PagedLayerKV(pool, i)
+            layer.attention.kv_cache = PagedLayerKV(pool, i, self.decode_kernels)
 
     def start_prefill(self, embeds: torch.Tensor, seq: SequenceKV, span: pyramid.ImageSpan | None,
                       schedule: PyramidSchedule) -> Prefill:

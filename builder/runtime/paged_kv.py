@@ -31,9 +31,9 @@ def blocks_needed(lengths: list[int], max_new_tokens: int, block_size: int) -> l
 
 class BlockPool:
     """The blocks of every layer: k, v (num_blocks + 1, block_size, n_kv_heads, head_dim). Token-major
-    inside a block, so that a run of consecutive blocks is one (tokens, heads, head_dim) tensor that
-    decode attention reads in place, through a view. Allocation is first fit: a request's blocks are
-    one run of consecutive ids whenever the pool has a hole that large."""
+    inside a block: one token's heads are contiguous, as the decode kernels read them. Allocation is
+    first fit: a request's blocks are one run of consecutive ids whenever the pool has a hole that
+    large, so that a layer's keys are one stream of memory to read."""
 
     def __init__(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
@@ -83,20 +83,16 @@ class SequenceKV:
     n_blocks: list[int]  # blocks of each layer
     lengths: list[int]  # tokens written per layer
     offsets: list[int]  # per layer: added to the length to give a decode token's RoPE position
-    runs: list[int | None]  # per layer: its first block when its blocks are consecutive, else None
 
     @classmethod
     def of(cls, ids: list[int], n_blocks: list[int]) -> "SequenceKV":
         """Blocks `ids` dealt out to the layers, n_blocks[i] to layer i."""
         tables = torch.zeros(len(n_blocks), max(n_blocks), dtype=torch.long)
-        runs: list[int | None] = []
         at = 0
         for layer, n in enumerate(n_blocks):
-            mine = ids[at:at + n]
-            tables[layer, :n] = torch.tensor(mine)
-            runs.append(mine[0] if mine == list(range(mine[0], mine[0] + n)) else None)
+            tables[layer, :n] = torch.tensor(ids[at:at + n])
             at += n
-        return cls(tables, list(n_blocks), [0] * len(n_blocks), [0] * len(n_blocks), runs)
+        return cls(tables, list(n_blocks), [0] * len(n_blocks), [0] * len(n_blocks))
 
     def block_ids(self) -> list[int]:
         return [i for layer, n in enumerate(self.n_blocks) for i in self.tables[layer, :n].tolist()]
@@ -109,13 +105,10 @@ class DecodeBatch:
     tables: list[torch.Tensor]  # views of `flat`, layer i's (B, widths[i]): as wide as that layer holds
     lengths: torch.Tensor  # (n_layers, B): tokens already cached; the new token goes there
     offsets: torch.Tensor  # (n_layers, B)
-    # the rows' host bookkeeping, when attention may read their blocks in place (a loop over rows);
-    # None in a CUDA graph, whose static shapes gather every row's padded table instead
-    seqs: list[SequenceKV] | None
 
     @classmethod
-    def of(cls, seqs: list[SequenceKV], n_rows: int, device: torch.device, widths: list[int] | None = None,
-           in_place: bool = True) -> "DecodeBatch":
+    def of(cls, seqs: list[SequenceKV], n_rows: int, device: torch.device,
+           widths: list[int] | None = None) -> "DecodeBatch":
         """The batch of `seqs`, padded to n_rows rows and layer i's table to widths[i] blocks (default:
         the most that layer holds in any row): deep stages' tables stay as short as their KV."""
         n_layers = seqs[0].tables.shape[0]
@@ -129,14 +122,17 @@ class DecodeBatch:
             offsets[:, row] = torch.tensor(s.offsets)
         flat = torch.cat([tables[:, i, :w].flatten() for i, w in enumerate(widths)]).to(device)
         views = [t.view(n_rows, w) for t, w in zip(flat.split([n_rows * w for w in widths]), widths)]
-        return cls(flat, views, lengths.to(device), offsets.to(device), seqs if in_place else None)
+        return cls(flat, views, lengths.to(device), offsets.to(device))
 
 
 class PagedLayerKV:
-    """Layer `index`'s view of the pool, as the attention sees it (Attention.kv_cache)."""
+    """Layer `index`'s view of the pool, as the attention sees it (Attention.kv_cache). Decode
+    attention runs in `kernels` (runtime.kernels: CUDA or CPU) when the engine ships them, reading
+    each row's blocks in place; else on torch ops, gathering them (the reference the kernels are
+    tested against)."""
 
-    def __init__(self, pool: BlockPool, index: int):
-        self.pool, self.index = pool, index
+    def __init__(self, pool: BlockPool, index: int, kernels=None):
+        self.pool, self.index, self.kernels = pool, index, kernels
         self.batch: DecodeBatch | None = None  # set for each decode step by the decoder
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceKV | None) -> torch.Tensor:
@@ -152,26 +148,12 @@ class PagedLayerKV:
         block = table[rows, length // bs]
         pool.k[block, length % bs] = k[:, :, 0]
         pool.v[block, length % bs] = v[:, :, 0]
-        if self.batch.seqs is None:
-            return self._attend_gathered(q, table, length)
-        return torch.cat([self._attend_row(q[row:row + 1], s) for row, s in enumerate(self.batch.seqs)])
-
-    def _attend_row(self, q: torch.Tensor, seq: SequenceKV) -> torch.Tensor:
-        """One row's attention over its keys and values read in place when its blocks are one run (a
-        view; the common case, see BlockPool.allocate), else copied out of its blocks."""
-        i = self.index
-        first, n_blocks, n = seq.runs[i], seq.n_blocks[i], seq.lengths[i] + 1
-        if first is None:
-            ids = seq.tables[i, :n_blocks].to(self.pool.k.device)
-            k, v = self.pool.k.index_select(0, ids), self.pool.v.index_select(0, ids)
-        else:
-            k, v = self.pool.k[first:first + n_blocks], self.pool.v[first:first + n_blocks]
-        k, v = (t.flatten(0, 1)[:n].transpose(0, 1)[None] for t in (k, v))  # (1, n_kv, n, hd)
-        return decode_sdpa(q, k, v)
+        if self.kernels is not None:
+            return self.kernels.paged_decode(q[:, :, 0].contiguous(), pool.k, pool.v, table, length + 1)[:, :, None]
+        return self._attend_gathered(q, table, length)
 
     def _attend_gathered(self, q: torch.Tensor, table: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        """Every row's padded table gathered (index_select copies whole blocks) and masked past its
-        length: static shapes, for CUDA graphs."""
+        """Every row's table gathered (index_select copies whole blocks) and masked past its length."""
         pool, bs = self.pool, self.pool.block_size
         b, w = table.shape
         k, v = (t.index_select(0, table.flatten()).view(b, w * bs, *t.shape[2:]).transpose(1, 2)

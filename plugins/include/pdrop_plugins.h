@@ -1,4 +1,4 @@
-/* PyramidDrop stage-boundary kernels: score, select, compact.
+/* PyramidDrop stage-boundary kernels (score, select, compact) and the paged decode attention.
  *
  * A plain C ABI over raw device pointers, so that the Python runtime (ctypes) and a TensorRT
  * plugin can both call them. Every function enqueues on `stream`, returns a pdrop_status_t and
@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define PDROP_ABI_VERSION 1
+#define PDROP_ABI_VERSION 2
 
 typedef enum { PDROP_FLOAT32 = 0, PDROP_FLOAT16 = 1, PDROP_BFLOAT16 = 2 } pdrop_dtype_t;
 
@@ -57,6 +57,22 @@ int pdrop_compact(const void* src, const int64_t* seq_offsets, const int32_t* im
                   const int32_t* image_len, const int32_t* kept, const int64_t* keep_offsets,
                   const int64_t* dst_offsets, int batch, int64_t total_dst_rows, int64_t row_bytes,
                   void* dst, cudaStream_t stream);
+
+/* Bytes of device workspace pdrop_paged_decode needs. */
+size_t pdrop_paged_decode_workspace_size(int batch, int num_heads, int head_dim, int64_t table_stride,
+                                         int block_size);
+
+/* Decode attention over paged keys and values, read in place: out[b, h] = softmax_t(q[b, h] .
+ * K_b[t, h / group] * scale) . V_b[t, h / group] over t < num_keys[b], token t of row b in block
+ * tables[b * table_stride + t / block_size] at slot t % block_size of k_pool / v_pool ([blocks,
+ * block_size, num_kv_heads, head_dim]). q, out: [batch, num_heads, head_dim]; math in fp32. tables and
+ * num_keys live on the device; the launch shape depends only on the arguments given here, so the
+ * call can be captured in a CUDA graph and replayed with new tables and lengths. A row with
+ * num_keys[b] == 0 gets zeros. Same meaning as pdrop_cpu_paged_decode (pdrop_cpu.h). */
+int pdrop_paged_decode(const void* q, const void* k_pool, const void* v_pool, const int64_t* tables,
+                       int64_t table_stride, const int64_t* num_keys, int batch, int num_heads, int num_kv_heads,
+                       int head_dim, int block_size, float scale, int dtype, void* out, void* workspace,
+                       cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -1,5 +1,6 @@
 // PyramidDrop kernels behind pdrop_plugins.h: score (attention of the last prompt token to the
-// image tokens), select (top-k, ties to the lower index, ascending) and compact (row gather).
+// image tokens), select (top-k, ties to the lower index, ascending), compact (row gather) and the
+// paged decode attention.
 #include "pdrop_plugins.h"
 
 #include <cuda_bf16.h>
@@ -15,6 +16,9 @@ constexpr int kScoreThreads = 256;
 constexpr int kSelectThreads = 512;
 constexpr int kCopyThreads = 128;
 constexpr int kMaxHeadDim = 256;
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeChunk = 256;  // keys per block: split-K over a row's keys, as flash-decoding does
+constexpr int kMaxGroup = 16;  // query heads per KV head
 
 struct MaxOp {  // cub::Max is gone from CUDA 13's CCCL
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
@@ -23,6 +27,9 @@ struct MaxOp {  // cub::Max is gone from CUDA 13's CCCL
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void from_float(float x, float* out) { *out = x; }
+__device__ __forceinline__ void from_float(float x, __half* out) { *out = __float2half(x); }
+__device__ __forceinline__ void from_float(float x, __nv_bfloat16* out) { *out = __float2bfloat16(x); }
 
 // One block per (sequence, head): logits of the query against every key of the sequence (a warp
 // per key, lanes over head_dim), then a softmax over all of them; the image keys' probabilities
@@ -179,6 +186,104 @@ __global__ void compact_rows(const char* src, const int64_t* seq_offsets, const 
   }
 }
 
+// One block per (chunk of keys, row, KV head), for the query heads sharing that KV head: logits (a
+// warp per key, lanes over head_dim), the chunk's max and sum of exponentials, and the unnormalised
+// output (a thread per (query head, dim), reading values coalesced). Blocks past a row's length
+// leave an empty partial (sum 0), so the grid depends only on the table width: capturable.
+// partial: [batch, num_heads, chunks, head_dim + 2] = max, sum, output.
+template <typename T>
+__global__ void paged_decode_chunks(const T* q, const T* k_pool, const T* v_pool, const int64_t* tables,
+                                    int64_t table_stride, const int64_t* num_keys, int num_heads, int num_kv_heads,
+                                    int head_dim, int block_size, float scale, float* partial) {
+  const int chunk = blockIdx.x, b = blockIdx.y, kv = blockIdx.z, chunks = gridDim.x;
+  const int group = num_heads / num_kv_heads;
+  const int64_t begin = static_cast<int64_t>(chunk) * kDecodeChunk;
+  const int count = static_cast<int>(max(int64_t{0}, min(num_keys[b] - begin, int64_t{kDecodeChunk})));
+  const int64_t slot = static_cast<int64_t>(num_kv_heads) * head_dim;
+  const int64_t* table = tables + b * table_stride;
+
+  __shared__ float qs[kMaxGroup * kMaxHeadDim];
+  __shared__ float score[kMaxGroup * kDecodeChunk];
+  __shared__ float stat[kMaxGroup][2];
+  for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x)
+    qs[i] = to_float(q[(static_cast<int64_t>(b) * num_heads + kv * group) * head_dim + i]) * scale;
+  __syncthreads();
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int j = warp; j < count; j += warps) {
+    const int64_t t = begin + j;
+    const T* key = k_pool + (table[t / block_size] * block_size + t % block_size) * slot + kv * head_dim;
+    for (int g = 0; g < group; ++g) {
+      float dot = 0.f;
+      for (int d = lane; d < head_dim; d += 32) dot += qs[g * head_dim + d] * to_float(key[d]);
+      for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if (lane == 0) score[g * kDecodeChunk + j] = dot;
+    }
+  }
+  __syncthreads();
+  for (int g = warp; g < group; g += warps) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int j = lane; j < count; j += 32) mx = fmaxf(mx, score[g * kDecodeChunk + j]);
+    for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    for (int j = lane; j < count; j += 32) {
+      const float e = expf(score[g * kDecodeChunk + j] - mx);
+      score[g * kDecodeChunk + j] = e;
+      sum += e;
+    }
+    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) stat[g][0] = mx, stat[g][1] = sum;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
+    const int g = i / head_dim, d = i % head_dim;
+    float acc = 0.f;
+    for (int j = 0; j < count; ++j) {
+      const int64_t t = begin + j;
+      acc += score[g * kDecodeChunk + j] *
+             to_float(v_pool[(table[t / block_size] * block_size + t % block_size) * slot + kv * head_dim + d]);
+    }
+    float* out = partial + ((static_cast<int64_t>(b) * num_heads + kv * group + g) * chunks + chunk) * (head_dim + 2);
+    out[2 + d] = acc;
+    if (d == 0) out[0] = stat[g][0], out[1] = stat[g][1];
+  }
+}
+
+// One block per (row, query head): the chunks' partials merged, rescaled to the overall max.
+template <typename T>
+__global__ void paged_decode_merge(const float* partial, int chunks, int head_dim, T* out) {
+  const float* p = partial + static_cast<int64_t>(blockIdx.x) * chunks * (head_dim + 2);
+  float mx = -INFINITY;
+  for (int c = 0; c < chunks; ++c) mx = fmaxf(mx, p[c * (head_dim + 2)]);
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float y = 0.f, sum = 0.f;
+    for (int c = 0; c < chunks; ++c) {
+      const float* pc = p + c * (head_dim + 2);
+      if (pc[1] > 0.f) {
+        const float w = expf(pc[0] - mx);
+        y += w * pc[2 + d];
+        sum += w * pc[1];
+      }
+    }
+    from_float(sum > 0.f ? y / sum : 0.f, out + static_cast<int64_t>(blockIdx.x) * head_dim + d);
+  }
+}
+
+template <typename T>
+void launch_paged_decode(const void* q, const void* k_pool, const void* v_pool, const int64_t* tables,
+                         int64_t table_stride, const int64_t* num_keys, int batch, int num_heads, int num_kv_heads,
+                         int head_dim, int block_size, float scale, void* out, float* partial, int chunks,
+                         cudaStream_t stream) {
+  paged_decode_chunks<T><<<dim3(chunks, batch, num_kv_heads), kDecodeThreads, 0, stream>>>(
+      static_cast<const T*>(q), static_cast<const T*>(k_pool), static_cast<const T*>(v_pool), tables, table_stride,
+      num_keys, num_heads, num_kv_heads, head_dim, block_size, scale, partial);
+  paged_decode_merge<T><<<batch * num_heads, kDecodeThreads, 0, stream>>>(partial, chunks, head_dim,
+                                                                          static_cast<T*>(out));
+}
+
+int decode_chunks(int64_t table_stride, int block_size) {
+  return static_cast<int>((table_stride * block_size + kDecodeChunk - 1) / kDecodeChunk);
+}
+
 int launched() { return cudaGetLastError() == cudaSuccess ? PDROP_SUCCESS : PDROP_ERROR_CUDA; }
 
 }  // namespace
@@ -260,6 +365,42 @@ int pdrop_compact(const void* src, const int64_t* seq_offsets, const int32_t* im
   compact_rows<<<static_cast<unsigned>(total_dst_rows), kCopyThreads, 0, stream>>>(
       static_cast<const char*>(src), seq_offsets, image_start, image_len, kept, keep_offsets, dst_offsets, batch,
       row_bytes, static_cast<char*>(dst));
+  return launched();
+}
+
+size_t pdrop_paged_decode_workspace_size(int batch, int num_heads, int head_dim, int64_t table_stride,
+                                         int block_size) {
+  if (batch <= 0 || num_heads <= 0 || head_dim <= 0 || table_stride <= 0 || block_size <= 0) return 0;
+  return static_cast<size_t>(batch) * num_heads * decode_chunks(table_stride, block_size) * (head_dim + 2) *
+         sizeof(float);
+}
+
+int pdrop_paged_decode(const void* q, const void* k_pool, const void* v_pool, const int64_t* tables,
+                       int64_t table_stride, const int64_t* num_keys, int batch, int num_heads, int num_kv_heads,
+                       int head_dim, int block_size, float scale, int dtype, void* out, void* workspace,
+                       cudaStream_t stream) {
+  if (!q || !k_pool || !v_pool || !tables || !num_keys || !out || !workspace || batch <= 0 || num_heads <= 0 ||
+      num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || num_heads / num_kv_heads > kMaxGroup || head_dim <= 0 ||
+      head_dim > kMaxHeadDim || block_size <= 0 || table_stride <= 0)
+    return PDROP_ERROR_INVALID_ARGUMENT;
+  const int chunks = decode_chunks(table_stride, block_size);
+  float* partial = static_cast<float*>(workspace);
+  switch (dtype) {
+    case PDROP_FLOAT32:
+      launch_paged_decode<float>(q, k_pool, v_pool, tables, table_stride, num_keys, batch, num_heads, num_kv_heads,
+                                 head_dim, block_size, scale, out, partial, chunks, stream);
+      break;
+    case PDROP_FLOAT16:
+      launch_paged_decode<__half>(q, k_pool, v_pool, tables, table_stride, num_keys, batch, num_heads, num_kv_heads,
+                                  head_dim, block_size, scale, out, partial, chunks, stream);
+      break;
+    case PDROP_BFLOAT16:
+      launch_paged_decode<__nv_bfloat16>(q, k_pool, v_pool, tables, table_stride, num_keys, batch, num_heads,
+                                         num_kv_heads, head_dim, block_size, scale, out, partial, chunks, stream);
+      break;
+    default:
+      return PDROP_ERROR_INVALID_ARGUMENT;
+  }
   return launched();
 }
 

@@ -18,9 +18,9 @@ from builder.runtime.sampling import SamplingParams
 
 
 def main() -> int:
-    path, threads, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    path, threads, dtype, compiled = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     torch.set_num_threads(threads)
-    engine = Engine.load(path, device="cpu", dtype=dtype)
+    engine = Engine.load(path, device="cpu", dtype=dtype, compiled=compiled)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "rss":
