@@ -158,10 +158,12 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server = TritonServer(args.repo, args.host, args.grpc_port, args.http_port, args.log_file, args.verbose)
+    server = TritonServer(args.repo, args.host, args.grpc_port, args.http_port, args.log_file, args.verbose,
+                          args.metrics_port)
     with server:
+        metrics = f", metrics {server.metrics_url}" if server.metrics_url else ""
         print(f"serving {', '.join(server.models())} on grpc://{server.grpc_url} "
-              f"(http://{server.host}:{server.http_port}); Ctrl-C stops", flush=True)
+              f"(http://{server.host}:{server.http_port}{metrics}); Ctrl-C stops", flush=True)
         while not stop.wait(0.5):
             if server.proc.poll() is not None:
                 raise ConfigError(f"tritonserver exited unexpectedly with code {server.proc.returncode}")
@@ -260,6 +262,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus metrics at http://HOST:PORT/metrics, tensorrtllm_backend's families (0: off)")
     s.add_argument("--log-file", help="tritonserver's log (default: discarded)")
     s.add_argument("--verbose", action="store_true", help="verbose tritonserver log")
     s.set_defaults(func=cmd_serve)

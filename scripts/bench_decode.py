@@ -92,7 +92,8 @@ def main() -> int:
                 engine.pool.release(s.block_ids())
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{args.shape} on {name}, {engine.dtype}: ms per decode step, median of {args.steps}")
-    print("| drop | batch | KV tokens, first / last layer | torch ops (gathered) ms | kernel (in place) ms | × torch ops |")
+    print("| drop | batch | KV tokens, first / last layer | torch ops (gathered) ms | kernel (in place) ms "
+          "| × torch ops |")
     print("|---|---|---|---|---|---|")
     for drop, b, first, last, gathered, in_place in rows:
         print(f"| {drop} | {b} | {first} / {last} | {gathered:.0f} | {in_place:.0f} | {in_place / gathered:.2f} |")

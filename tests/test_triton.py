@@ -9,11 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import make_image
+from prometheus_client.parser import text_string_to_metric_families
 
 from tritonclient.utils import np_to_triton_dtype
 
@@ -280,11 +282,68 @@ def test_package_refuses_a_missing_or_corrupt_engine(engine_dir, tmp_path):
     assert not (tmp_path / "repo").exists()
 
 
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """The server's /metrics, parsed by prometheus_client: (sample name, its labels but model and
+    version) -> value; model and version are checked to be the served model's."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith(("nv_trt_llm_", "pdrop_")):
+                assert (s.labels.pop("model"), s.labels.pop("version")) == ("pdrop", "1"), s
+                samples[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+def test_metrics_under_tensorrtllm_backend_names_while_requests_run(server, images):
+    """Scraped while 4 streams run and after: tensorrtllm_backend's request and KV-block gauges, and
+    pdrop's image tokens per boundary and time to the first token."""
+    before = scrape(server)
+    ttft_count = ("pdrop_time_to_first_token_seconds_count", ())
+    running = []
+
+    def worker(i):
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        assert infer(c, "pdrop", request_inputs(PROMPT, 64, images[i % len(images)])).error is None
+        c.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        running.append(scrape(server))
+        time.sleep(0.3)
+    for t in threads:
+        t.join()
+    time.sleep(1.2)  # a refresh (0.5 s) and tritonserver's metrics interval (0.5 s) later
+    after = scrape(server)
+
+    def gauge(samples, family, label, value):
+        return samples[family, ((label, value),)]
+
+    assert max(gauge(m, "nv_trt_llm_request_metrics", "request_type", "active") for m in running) >= 2
+    assert max(gauge(m, "nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "used") for m in running) > 0
+    assert max(gauge(m, "nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "fraction") for m in running) > 0
+    for t in ("active", "scheduled", "waiting", "context"):
+        assert gauge(after, "nv_trt_llm_request_metrics", "request_type", t) == 0, t
+    assert gauge(after, "nv_trt_llm_request_metrics", "request_type", "max") == 8
+    blocks = {t: gauge(after, "nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", t)
+              for t in ("used", "free", "max", "tokens_per", "fraction")}
+    assert blocks["used"] == 0 and blocks["free"] == blocks["max"] > 0 and blocks["tokens_per"] == 16
+    assert after[ttft_count] - before.get(ttft_count, 0) == 4
+    assert after[("pdrop_time_to_first_token_seconds_sum", ())] > 0
+    for layer in ("2", "4", "6"):  # the demo engine's boundaries; drop 0.5 keeps half at each
+        new = {state: after[name, labels] - before.get((name, labels), 0)
+               for state in ("in", "kept")
+               for name, labels in [("pdrop_image_tokens_total", (("layer", layer), ("state", state)))]}
+        assert new["in"] > 0 and new["kept"] == pytest.approx(new["in"] / 2, abs=4), (layer, new)
+
+
 def test_serve_command_starts_and_stops_on_sigterm(repo, tmp_path):
     grpc_port, http_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "builder", "serve", "--repo", str(repo), "--grpc-port",
-                             str(grpc_port), "--http-port", str(http_port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             str(grpc_port), "--http-port", str(http_port), "--metrics-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving pdrop on grpc://127.0.0.1:{grpc_port}"), line + proc.stderr.read()

@@ -165,7 +165,8 @@ def compile_cpu_kernels(cxx: str | None = None, cache: Path | None = None, progr
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     paths = {}
     for variant in CPU_VARIANTS:
-        target = _cache_dir(cache) / _source_digest(cxx_command("c++", variant, Path("x")), version) / cpu_library(variant)
+        digest = _source_digest(cxx_command("c++", variant, Path("x")), version)
+        target = _cache_dir(cache) / digest / cpu_library(variant)
         paths[variant] = _compile(lambda out: cxx_command(cxx, variant, out), target, f"CPU kernels ({variant})",
                                   progress)
     return paths

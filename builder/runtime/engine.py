@@ -210,7 +210,7 @@ class Engine:
         return self.scheduler.submit(req, on_event, index, t0, is_cancelled)
 
     def stats(self) -> dict[str, int]:
-        """queued, running, kv_blocks_used, kv_blocks_free."""
+        """queued, running, kv_blocks_used / _free; of the last step: scheduled, context."""
         return self.scheduler.stats()
 
     # ---- requests -------------------------------------------------------------------------

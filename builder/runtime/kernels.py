@@ -205,8 +205,8 @@ class Kernels(_DecodeKernels):
         _check_paged_decode(q, k_pool, v_pool, tables, num_keys)
         out = torch.empty_like(q)
         batch, heads, dim = q.shape
-        ws = torch.empty(self.lib.pdrop_paged_decode_workspace_size(batch, heads, dim, tables.stride(0),
-                                                                    k_pool.shape[1]), dtype=torch.uint8, device=q.device)
+        size = self.lib.pdrop_paged_decode_workspace_size(batch, heads, dim, tables.stride(0), k_pool.shape[1])
+        ws = torch.empty(size, dtype=torch.uint8, device=q.device)
         self._check(self.lib.pdrop_paged_decode(
             q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), *_paged_decode_args(q, k_pool, tables, num_keys),
             out.data_ptr(), ws.data_ptr(), self._stream(q)), "pdrop_paged_decode")

@@ -9,6 +9,11 @@ import torch
 
 from ..format.errors import InputError
 
+# Per request, for stop strings and for bad words alike: what one request may ask the scheduler's
+# thread to match on every token, bounded as a prompt's length is.
+MAX_WORDS = 32
+MAX_WORD_BYTES = 1000
+
 
 @dataclass
 class SamplingParams:
@@ -37,8 +42,14 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("stop", "bad_words"):
-            if any(not isinstance(s, str) or not s for s in getattr(self, name)):
-                raise InputError(f"{name} must be non-empty strings, got {getattr(self, name)!r}")
+            words = getattr(self, name)
+            if any(not isinstance(s, str) or not s for s in words):
+                raise InputError(f"{name} must be non-empty strings, got {words!r}"[:300])
+            if len(words) > MAX_WORDS:
+                raise InputError(f"{name}: at most {MAX_WORDS} strings, got {len(words)}")
+            longest = max(len(s.encode()) for s in words) if words else 0
+            if longest > MAX_WORD_BYTES:
+                raise InputError(f"{name}: each at most {MAX_WORD_BYTES} bytes (UTF-8), got one of {longest}")
         if self.min_tokens < 0:
             raise InputError(f"min_tokens must be >= 0, got {self.min_tokens}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):

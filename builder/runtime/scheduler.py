@@ -30,6 +30,7 @@ from . import flops
 from .paged_kv import BlockPool, SequenceKV, blocks_needed, layer_lengths
 from .pyramid import ImageSpan
 from .sampling import Sampler, SamplingParams
+from .stop_words import StopWords
 
 
 @dataclass
@@ -64,14 +65,15 @@ class Generation:
     """Decoding state of one request: its sampler, its tokens, the text streamed so far, stops.
 
     Text grows by one token's piece at a time (the tokenizers library's DecodeStream holds back an
-    incomplete UTF-8 character), and stop words are looked for only where the new piece could
-    complete one: a token costs time in its own text, not in the answer's length."""
+    incomplete UTF-8 character), and stop words are matched as the piece arrives (StopWords): a
+    token costs time in its own text, not in the answer's length or the stop words' lengths."""
 
     def __init__(self, tokenizer, params: SamplingParams, eos: set[int], budget: int, device, prompt: list[int]):
         self.tokenizer, self.params, self.eos, self.budget = tokenizer, params, eos, budget
         bad = [tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words]
         self.sampler = Sampler(params, device, eos, bad, prompt)
         self.stream = DecodeStream(skip_special_tokens=True)
+        self.stops = StopWords(params.stop)
         self.ids: list[int] = []
         self.sent = 0
         self.finish: str | None = None
@@ -85,22 +87,16 @@ class Generation:
         if token in self.eos:
             self.finish = "stop"
         else:
-            before = len(self.text)
             self.text += self.stream.step(self.tokenizer.backend_tokenizer, token) or ""
-            for s in self.params.stop:
-                at = self.text.find(s, max(0, before - len(s) + 1))
-                if at >= 0:
-                    self.text, self.finish = self.text[:at], "stop"
+            at = self.stops.feed(self.text[self.stops.fed:])
+            if at is not None:
+                self.text, self.finish = self.text[:at], "stop"
         if self.finish is None and len(self.ids) >= self.budget:
             self.finish = "length"
         # hold back a possible start of a stop word
-        end = len(self.text) if self.finish else len(self.text) - self._stop_prefix(self.text)
+        end = len(self.text) if self.finish else len(self.text) - self.stops.pending()
         delta, self.sent = self.text[self.sent:max(end, self.sent)], max(end, self.sent)
         return delta
-
-    def _stop_prefix(self, text: str) -> int:
-        return max((k for s in self.params.stop for k in range(1, min(len(s), len(text) + 1))
-                    if text.endswith(s[:k])), default=0)
 
 
 class Handle:
@@ -145,6 +141,7 @@ class Scheduler:
         self.lock = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.scheduled = self.context = 0  # of the last step, for metrics
 
     # ---- submission (any thread) ----------------------------------------------------------
 
@@ -175,8 +172,12 @@ class Scheduler:
         return handle
 
     def stats(self) -> dict[str, int]:
+        """queued, running (admitted), kv_blocks_used / _free; and of the last step, the sequences it
+        advanced (scheduled) and those of them that were prefilling (context): 0 once idle."""
+        busy = not self.idle()
         return {"queued": len(self.waiting), "running": len(self.active),
-                "kv_blocks_used": self.pool.num_blocks - self.pool.n_free, "kv_blocks_free": self.pool.n_free}
+                "kv_blocks_used": self.pool.num_blocks - self.pool.n_free, "kv_blocks_free": self.pool.n_free,
+                "scheduled": self.scheduled * busy, "context": self.context * busy}
 
     # ---- the step loop --------------------------------------------------------------------
 
@@ -187,7 +188,10 @@ class Scheduler:
         self.retire_cancelled()
         self.admit()
         prefilling = [s for s in self.active if s.gen is None]
-        for s in prefilling[:1] if self.policy == "inflight" else prefilling:
+        prefilling = prefilling[:1] if self.policy == "inflight" else prefilling
+        decoding = [s for s in self.active if s.token is not None]
+        self.context, self.scheduled = len(prefilling), len(prefilling) + len(decoding)
+        for s in prefilling:
             self._prefill(s, whole=self.policy == "static")
         self._decode([s for s in self.active if s.token is not None])
 

@@ -42,10 +42,13 @@ class TritonServer:
     """`with TritonServer(repo) as server:` starts tritonserver, waits until every model is ready."""
 
     def __init__(self, repo: str | Path, host: str = "127.0.0.1", grpc_port: int | None = None,
-                 http_port: int | None = None, log_path: str | Path | None = None, verbose: bool = False):
+                 http_port: int | None = None, log_path: str | Path | None = None, verbose: bool = False,
+                 metrics_port: int | None = None):
+        """Ports left None are free ones; metrics_port 0 turns Prometheus metrics off."""
         self.repo, self.host = Path(repo).resolve(), host
         self.grpc_port = grpc_port or free_port(host)
         self.http_port = http_port or free_port(host)
+        self.metrics_port = free_port(host) if metrics_port is None else metrics_port
         self.log_path, self.verbose = log_path, verbose
         self.proc: subprocess.Popen | None = None
         self.shm_prefix = f"pdrop{uuid.uuid4().hex[:8]}_"
@@ -54,6 +57,10 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port else None
 
     def models(self) -> list[str]:
         return sorted(p.name for p in self.repo.iterdir() if (p / "config.pbtxt").is_file())
@@ -90,7 +97,9 @@ class TritonServer:
                "--disable-auto-complete-config", "--model-control-mode=explicit",
                *[f"--load-model={m}" for m in self.models()],
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-               f"--http-address={self.host}", f"--http-port={self.http_port}", "--allow-metrics=false",
+               f"--http-address={self.host}", f"--http-port={self.http_port}",
+               *(["--allow-metrics=true", f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+                  "--metrics-interval-ms=500"] if self.metrics_port else ["--allow-metrics=false"]),
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                "--pinned-memory-pool-byte-size=0", "--exit-timeout-secs=10",
                f"--log-verbose={int(self.verbose)}"]
@@ -110,17 +119,20 @@ class TritonServer:
         import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + timeout
-        while True:  # a plain TCP connect first: a gRPC client made too early backs off for ~1 s
-            if self.proc.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.proc.returncode} while starting"
-                                  + (f"; see {self.log_path}" if self.log_path else ""))
-            try:
-                socket.create_connection((self.host, self.grpc_port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise ServerError(f"tritonserver did not open {self.grpc_url} within {timeout:.0f} s") from None
-                time.sleep(0.05)
+        # a plain TCP connect first: a gRPC client made too early backs off for ~1 s
+        for port in (self.grpc_port, *([self.metrics_port] if self.metrics_port else [])):
+            while True:
+                if self.proc.poll() is not None:
+                    raise ServerError(f"tritonserver exited with code {self.proc.returncode} while starting"
+                                      + (f"; see {self.log_path}" if self.log_path else ""))
+                try:
+                    socket.create_connection((self.host, port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise ServerError(f"tritonserver did not open {self.host}:{port} within {timeout:.0f} s"
+                                          ) from None
+                    time.sleep(0.05)
         client = grpcclient.InferenceServerClient(self.grpc_url)
         while not self._ready(client):
             if self.proc.poll() is not None:

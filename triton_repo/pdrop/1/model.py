@@ -6,6 +6,11 @@ and sends each request's responses (one per token when streaming) from there. No
 unary clients), `execute` waits for the answers of the requests it was given and returns them. A
 bad request gets an error response; a cancelled one leaves at the next step and still gets its
 final flag; the server keeps serving.
+
+Metrics (when tritonserver runs with --allow-metrics): tensorrtllm_backend's request and KV-cache
+block families, under its names and labels, so that dashboards built for it read pdrop unchanged,
+refreshed twice a second; and pdrop's own: image tokens into and kept at each pyramid boundary,
+and the time to the first token.
 """
 import json
 import threading
@@ -16,6 +21,68 @@ import triton_python_backend_utils as pb_utils
 from builder import Engine, EngineError, InputError, PdropError, check_budget, parse_request, response_tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+TTFT_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0]
+
+
+class _Metrics:
+    """The model's Prometheus metrics, through Triton's custom-metrics API."""
+
+    def __init__(self, engine, model, version):
+        self.engine, self.labels = engine, {"model": model, "version": version}
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self.families = [
+            pb_utils.MetricFamily("nv_trt_llm_request_metrics", "TRT LLM request metrics", gauge),
+            pb_utils.MetricFamily("nv_trt_llm_kv_cache_block_metrics", "TRT LLM KV cache block metrics", gauge),
+            pb_utils.MetricFamily("pdrop_image_tokens_total",
+                                  "image tokens into and kept at each pyramid boundary layer", counter),
+            pb_utils.MetricFamily("pdrop_time_to_first_token_seconds", "time to the first token, arrival to response",
+                                  pb_utils.MetricFamily.HISTOGRAM)]
+        requests, blocks, self.image_tokens, ttft = self.families
+        self.requests = {t: requests.Metric(labels={**self.labels, "request_type": t})
+                         for t in ("active", "scheduled", "waiting", "max", "context")}
+        self.blocks = {t: blocks.Metric(labels={**self.labels, "kv_cache_block_type": t})
+                       for t in ("used", "free", "max", "tokens_per", "fraction")}
+        self.per_layer = {}
+        self.ttft = ttft.Metric(labels=self.labels, buckets=TTFT_BUCKETS)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._refresh_every, args=(0.5,), name="pdrop-metrics", daemon=True)
+        self.thread.start()
+
+    def refresh(self):
+        engine, stats = self.engine, self.engine.stats()
+        total = engine.pool.num_blocks
+        values = {"active": stats["running"], "scheduled": stats["scheduled"], "waiting": stats["queued"],
+                  "max": engine.manifest.limits.max_batch_size, "context": stats["context"]}
+        for name, value in values.items():
+            self.requests[name].set(value)
+        used = stats["kv_blocks_used"]
+        for name, value in {"used": used, "free": stats["kv_blocks_free"], "max": total,
+                            "tokens_per": engine.pool.block_size, "fraction": used / total}.items():
+            self.blocks[name].set(value)
+
+    def finished(self, result, ttft_s):
+        """A request's last result: its boundaries' image tokens and its time to the first token."""
+        with self.lock:
+            for stage in result.stages:
+                for state, n in (("in", stage.tokens_in), ("kept", stage.tokens_kept)):
+                    key = (stage.layer, state)
+                    if key not in self.per_layer:
+                        self.per_layer[key] = self.image_tokens.Metric(
+                            labels={**self.labels, "layer": str(stage.layer), "state": state})
+                    self.per_layer[key].increment(n)
+            if ttft_s is not None:
+                self.ttft.observe(ttft_s)
+            self.refresh()
+
+    def _refresh_every(self, seconds):
+        while not self.stopping.wait(seconds):
+            with self.lock:
+                self.refresh()
+
+    def close(self):
+        self.stopping.set()
+        self.thread.join()
 
 
 class _Stream:
@@ -46,8 +113,8 @@ class _Unary:
 class _Live:
     """A request being generated: where its responses go and what it has produced so far."""
 
-    def __init__(self, engine, out, job, request, arrival_ns):
-        self.engine, self.out, self.job, self.request = engine, out, job, request
+    def __init__(self, engine, out, job, request, arrival_ns, metrics):
+        self.engine, self.out, self.job, self.request, self.metrics = engine, out, job, request, metrics
         self.arrival_ns, self.first_ns, self.tokens = arrival_ns, 0, 0
 
     def on_event(self, event):
@@ -61,6 +128,8 @@ class _Live:
             return
         self.tokens += 1
         self.first_ns = self.first_ns or time.time_ns()
+        if result is not None and self.metrics is not None:
+            self.metrics.finished(result, (self.first_ns - self.arrival_ns) / 1e9)
         if self.job.stream:  # one response per token, as tensorrtllm_backend streams
             stages, finish = (result.stages, result.finish_reason) if result else ([], "")
             self._send(event.text, [event.token_id], stages, finish, final=result is not None)
@@ -100,6 +169,10 @@ class TritonPythonModel:
         if declared is None or float(declared) != built:  # what clients read must be what runs
             raise EngineError(f"config.pbtxt says drop_ratio {declared} but the engine was built with {built}: "
                               "run `python -m builder package` again")
+        try:
+            self.metrics = _Metrics(self.engine, args["model_name"], args["model_version"])
+        except pb_utils.TritonModelException:  # tritonserver without metrics support
+            self.metrics = None
         self.engine.start_serving()
 
     def execute(self, requests):
@@ -112,7 +185,7 @@ class TritonPythonModel:
                     raise InputError("stream=true needs the decoupled model: package it with --decoupled true")
                 prepared = self.engine.prepare(job.prompt, job.image, job.params, job.drop_ratio)
                 check_budget(prepared.prompt_tokens, job.params.max_new_tokens, self.max_seq_len)
-                live = _Live(self.engine, out, job, prepared, arrival)
+                live = _Live(self.engine, out, job, prepared, arrival, self.metrics)
                 self.engine.submit(prepared, live.on_event, is_cancelled=out.is_cancelled)
             except PdropError as e:
                 out.send(_error(str(e)))
@@ -124,3 +197,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.stop_serving()  # what is still running ends as cancelled, with its final flag
+        if self.metrics is not None:
+            self.metrics.close()
