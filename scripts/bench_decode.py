@@ -78,7 +78,7 @@ def main() -> int:
         limits = Limits(max(batches), cfg.max_position_embeddings - 512, cfg.max_position_embeddings)
         dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
         build_engine(ckpt, Path(tmp) / "engine", PyramidSchedule.create(cfg.n_layers, 0.5), limits, dtype,
-                     progress=False, plugins="auto")
+                     progress=False, plugins="auto" if args.device.startswith("cuda") else "off")
         engine = Engine.load(Path(tmp) / "engine", device=args.device)
         if engine.llm.decode_kernels is None:
             raise SystemExit("error: the engine has no decode kernels (no C++ compiler, or nvcc on CUDA)")

@@ -3,6 +3,8 @@ bound as the header says, equal to plain references, and what an engine runs on 
 (torch.compile) step equals the plain one."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import _build, header_prototypes, prefilled
@@ -143,3 +145,14 @@ def test_the_compiled_step_equals_the_plain_step_with_one_graph_for_every_batch(
             with torch._dynamo.config.patch(error_on_recompile=i > 0):
                 got = compiled.run(tokens, seqs)
             assert (got - want).abs().max().item() < 1e-4
+
+
+def test_a_cpu_library_that_does_not_load_falls_back_to_torch_ops(engine_dir, tmp_path):
+    """A library built for another architecture (here: not a library at all) costs speed, not answers."""
+    shutil.copytree(engine_dir, tmp_path / "e")
+    for name in Engine.load(engine_dir).manifest.plugins["cpu"]["libraries"].values():
+        (tmp_path / "e" / name).write_bytes(b"not a shared library")
+    with pytest.warns(UserWarning, match="cannot load the plugin library"):
+        foreign = Engine.load(tmp_path / "e", verify=False)
+    assert foreign.llm.decode_kernels is None
+    assert len(foreign.generate(["USER: hi ASSISTANT:"], max_new_tokens=3)[0].token_ids) > 0

@@ -114,7 +114,11 @@ def load_cpu_kernels(path: Path, manifest):
     capability = torch.backends.cpu.get_cpu_capability().lower()
     from .kernels import CpuKernels
 
-    return CpuKernels(path / libraries.get(capability, libraries["default"]))
+    try:
+        return CpuKernels(path / libraries.get(capability, libraries["default"]))
+    except EngineError as e:  # built for another architecture, say: slower, not wrong
+        warnings.warn(f"pdrop: {e}; decode attention runs on torch ops", stacklevel=3)
+        return None
 
 
 class Engine:
