@@ -6,6 +6,7 @@ bad flags exit 2; `--debug` shows tracebacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -160,8 +161,14 @@ def cmd_serve(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server = TritonServer(args.repo, args.host, args.grpc_port, args.http_port, args.log_file, args.verbose,
                           args.metrics_port)
-    with server:
+    with server, contextlib.ExitStack() as frontend:
         metrics = f", metrics {server.metrics_url}" if server.metrics_url else ""
+        if args.openai_port:
+            from .frontend.server import OpenAIServer
+
+            openai = frontend.enter_context(OpenAIServer(server.grpc_url, server.models()[0], args.host,
+                                                         args.openai_port))
+            metrics += f", OpenAI API {openai.url}"
         print(f"serving {', '.join(server.models())} on grpc://{server.grpc_url} "
               f"(http://{server.host}:{server.http_port}{metrics}); Ctrl-C stops", flush=True)
         while not stop.wait(0.5):
@@ -262,6 +269,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--openai-port", type=int, default=0,
+                   help="also serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) "
+                        "on this port, a gRPC client of the server (default 0: off)")
     s.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus metrics at http://HOST:PORT/metrics, tensorrtllm_backend's families (0: off)")
     s.add_argument("--log-file", help="tritonserver's log (default: discarded)")

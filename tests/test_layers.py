@@ -27,8 +27,9 @@ ALLOWED = {
     "export": {"format", "runtime", "convert", "export"},
     "serve": {"format", "runtime", "serve"},
     "client": {"format", "client"},
+    "frontend": {"format", "client", "frontend"},
     "fidelity": {"format", "runtime", "convert", "export", "fidelity"},
-    "cli": {"api", "format", "runtime", "convert", "export", "serve", "cli"},
+    "cli": {"api", "format", "runtime", "convert", "export", "serve", "frontend", "cli"},
     "api": {"api", "format"},  # builder/__init__.py: the rest of the API is loaded lazily (checked below)
 }
 # third-party packages a layer may not import

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
 import signal
@@ -340,13 +341,17 @@ def test_metrics_under_tensorrtllm_backend_names_while_requests_run(server, imag
 
 
 def test_serve_command_starts_and_stops_on_sigterm(repo, tmp_path):
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port, openai_port = free_port(), free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "builder", "serve", "--repo", str(repo), "--grpc-port",
-                             str(grpc_port), "--http-port", str(http_port), "--metrics-port", "0"],
+                             str(grpc_port), "--http-port", str(http_port), "--metrics-port", "0", "--openai-port",
+                             str(openai_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving pdrop on grpc://127.0.0.1:{grpc_port}"), line + proc.stderr.read()
+        assert f"OpenAI API http://127.0.0.1:{openai_port}/v1" in line
+        models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{openai_port}/v1/models", timeout=10).read())
+        assert [m["id"] for m in models["data"]] == ["pdrop"]
         c = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         assert infer(c, "pdrop", request_inputs("USER: hi ASSISTANT:", 2)).error is None
         got = threading.Event()  # a stream cancelled mid-way must not hold the server at exit

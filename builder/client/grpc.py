@@ -68,6 +68,15 @@ def request_inputs(prompt: str, max_tokens: int, image=None, stream: bool = True
     return inputs
 
 
+def served_engine_dir(client, model: str) -> str:
+    """The engine directory behind `model`, from its config's parameters (set by package)."""
+    config = client.get_model_config(model, as_json=True)["config"]
+    try:
+        return config["parameters"]["engine_dir"]["string_value"]
+    except KeyError:
+        raise ValueError(f"model '{model}' has no engine_dir parameter: not packaged by pdrop") from None
+
+
 def served_drop_ratio(client, model: str) -> float:
     """The drop ratio of the engine behind `model`, from its config's parameters (set by package)."""
     config = client.get_model_config(model, as_json=True)["config"]
