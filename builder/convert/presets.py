@@ -19,8 +19,8 @@ from .checkpoint import Checkpoint, expected_shapes, validate_config
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14)
 PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-VICUNA_CHAT = ("{% for m in messages %}{% if m['role'] == 'system' %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %} "
-               "{% endif %}{% endfor %}"
+VICUNA_CHAT = ("{% for m in messages %}{% if m['role'] == 'system' %}{% for c in m['content'] %}{{ c['text'] }}"
+               "{% endfor %} {% endif %}{% endfor %}"
                "{% if messages[0]['role'] != 'system' %}A chat between a curious human and an artificial intelligence "
                "assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. "
                "{% endif %}{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"

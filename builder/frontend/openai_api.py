@@ -181,7 +181,8 @@ def create_app(frontend: Frontend) -> FastAPI:
             delta, final = first
             try:
                 if chat:
-                    yield sse(ident, chunk_kind, created, frontend.model, {"delta": {"role": "assistant", "content": ""}})
+                    role = {"delta": {"role": "assistant", "content": ""}}
+                    yield sse(ident, chunk_kind, created, frontend.model, role)
                 while True:
                     part = {"delta": {"content": delta}} if chat else {"text": delta}
                     yield sse(ident, chunk_kind, created, frontend.model, {**part, "finish_reason": None})
