@@ -84,8 +84,8 @@ def _write_weights(ckpt: Checkpoint, plan: dict[str, list[str]], dtype: torch.dt
 def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tuple[list[Path], dict]:
     """The libraries to ship ('auto': when nvcc is there, 'on': required, 'off') and their record:
     the kernels, and the TensorRT plugin where TensorRT headers are found."""
+    from ..runtime.kernels import ABI_VERSION
     from .plugins import (
-        ABI_VERSION,
         DEFAULT_ARCHS,
         KERNELS,
         LIBRARY,
@@ -116,7 +116,8 @@ def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tupl
 def cpu_kernel_libraries(mode: str, progress: bool) -> tuple[list[Path], dict]:
     """The CPU decode-attention libraries to ship ('auto': when a C++ compiler is there, 'on':
     required, 'off') and their record: instruction set -> library file."""
-    from .plugins import CPU_ABI_VERSION, CPU_KERNELS, compile_cpu_kernels, find_cxx
+    from ..runtime.kernels import CPU_ABI_VERSION
+    from .plugins import CPU_KERNELS, compile_cpu_kernels, find_cxx
 
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"--cpu-kernels must be auto, on or off, got '{mode}'")

@@ -20,10 +20,8 @@ LIBRARY = "libpdrop_plugins.so"
 TRT_LIBRARY = "libpdrop_trt_plugin.so"
 TRT_PLUGIN = {"name": "PdropRankCompact", "version": "1", "namespace": "pdrop"}
 KERNELS = ["pdrop_score", "pdrop_select", "pdrop_compact", "pdrop_paged_decode"]
-ABI_VERSION = 2
 DEFAULT_ARCHS = ["80", "86", "89", "90"]
 CPU_KERNELS = ["pdrop_cpu_paged_decode", "pdrop_cpu_linear"]
-CPU_ABI_VERSION = 1
 # instruction set (as torch.backends.cpu.get_cpu_capability names it, lower-cased) -> compiler flags
 CPU_VARIANTS = ({"avx512": ["-march=x86-64-v4"], "avx2": ["-march=x86-64-v3"], "default": []}
                 if platform.machine() in ("x86_64", "AMD64") else {"default": []})

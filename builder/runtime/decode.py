@@ -19,13 +19,13 @@ from collections import OrderedDict
 import torch
 
 from .model import Transformer
-from .paged_kv import DecodeBatch, SequenceKV
+from .paged_kv import DecodeBatch, SequenceKV, widest
 
 
 class Decoder:
     def __init__(self, llm: Transformer, compiled: bool = False):
-        self.llm, self.compiled = llm, compiled
-        self.compiled_decode = torch.compile(llm.decode, dynamic=True) if compiled else None
+        self.llm = llm
+        self.compiled = torch.compile(llm.decode, dynamic=True) if compiled else None
 
     def step(self, tokens: torch.Tensor, seqs: list[SequenceKV]) -> torch.Tensor:
         """tokens (B,) of the sequences `seqs` -> logits (B, vocab); their caches grow by one."""
@@ -35,7 +35,7 @@ class Decoder:
         return logits
 
     def run(self, tokens: torch.Tensor, seqs: list[SequenceKV]) -> torch.Tensor:
-        if not self.compiled:
+        if self.compiled is None:
             return self.llm.decode(tokens, DecodeBatch.of(seqs, len(seqs), tokens.device))
         # torch.compile specializes sizes 1 (and 0): with at least 2 rows and 2 blocks a layer, one
         # graph serves every batch
@@ -44,16 +44,11 @@ class Decoder:
 
     def forward(self, tokens: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
         """The step on a batch of device tensors, compiled or not."""
-        if not self.compiled:
+        if self.compiled is None:
             return self.llm.decode(tokens, batch)
         # no "duck sizing": two layers' tables of one width now may differ later (stages, drop ratios)
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return self.compiled_decode(tokens, batch)
-
-
-def widest(seqs: list[SequenceKV]) -> list[int]:
-    """Per layer, the most blocks any of `seqs` holds there."""
-    return [max(s.n_blocks[i] for s in seqs) for i in range(len(seqs[0].n_blocks))]
+            return self.compiled(tokens, batch)
 
 
 def padded(tokens: torch.Tensor, seqs: list[SequenceKV], rows: int,

@@ -24,6 +24,11 @@ def layer_lengths(schedule: PyramidSchedule, n_layers: int, n_prompt: int, n_ima
     return [n_prompt - n_image + n for n in schedule.tokens_per_layer(n_image, n_layers)]
 
 
+def widest(seqs: list["SequenceKV"]) -> list[int]:
+    """Per layer, the most blocks any of `seqs` holds there."""
+    return [max(s.n_blocks[i] for s in seqs) for i in range(len(seqs[0].n_blocks))]
+
+
 def blocks_needed(lengths: list[int], max_new_tokens: int, block_size: int) -> list[int]:
     """Blocks per layer for prompts of these per-layer lengths and an answer of up to max_new_tokens."""
     return [math.ceil((n + max_new_tokens) / block_size) for n in lengths]
@@ -112,7 +117,7 @@ class DecodeBatch:
         """The batch of `seqs`, padded to n_rows rows and layer i's table to widths[i] blocks (default:
         the most that layer holds in any row): deep stages' tables stay as short as their KV."""
         n_layers = seqs[0].tables.shape[0]
-        widths = widths or [max(s.n_blocks[i] for s in seqs) for i in range(n_layers)]
+        widths = widths or widest(seqs)
         tables = torch.zeros(n_rows, n_layers, max(*widths, *(s.tables.shape[1] for s in seqs)), dtype=torch.long)
         lengths = torch.zeros(n_layers, n_rows, dtype=torch.long)
         offsets = torch.zeros(n_layers, n_rows, dtype=torch.long)
@@ -183,7 +188,7 @@ class NoCache:
         return sdpa(q, k, v, causal=True)
 
 
-def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One query token per row (q: (B, H, 1, hd)) over (B, KV, n, hd) keys: the query heads sharing a
     KV head go in as that head's query rows, so each key and value is read once, not H / KV times."""
     b, heads, _, hd = q.shape

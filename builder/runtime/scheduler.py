@@ -189,8 +189,8 @@ class Scheduler:
         self.admit()
         prefilling = [s for s in self.active if s.gen is None]
         prefilling = prefilling[:1] if self.policy == "inflight" else prefilling
-        decoding = [s for s in self.active if s.token is not None]
-        self.context, self.scheduled = len(prefilling), len(prefilling) + len(decoding)
+        self.context = len(prefilling)
+        self.scheduled = self.context + sum(s.token is not None for s in self.active)
         for s in prefilling:
             self._prefill(s, whole=self.policy == "static")
         self._decode([s for s in self.active if s.token is not None])
