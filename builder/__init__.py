@@ -15,7 +15,8 @@ from .format.errors import CheckpointError, ConfigError, EngineError, ExportErro
 # torch and transformers load.
 _LAZY = {"Engine": "runtime.engine", "Request": "runtime.engine", "Result": "runtime.engine",
          "Delta": "runtime.engine", "SamplingParams": "runtime.sampling", "PyramidSchedule": "format.config",
-         "parse_request": "serve.protocol", "response_tensors": "serve.protocol", "check_budget": "serve.protocol"}
+         "parse_request": "serve.protocol", "response_tensors": "serve.protocol", "check_budget": "serve.protocol",
+         "instance_device": "serve.package"}
 
 __all__ = ["CheckpointError", "ConfigError", "EngineError", "ExportError", "InputError", "PdropError",
            "__version__", *_LAZY]

@@ -20,14 +20,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def _layers(text: str) -> list[int]:
+def _indices(text: str, option: str, what: str, example: str) -> list[int]:
+    """'8,16,24' -> [8, 16, 24]; anything else is one error line naming the option."""
     try:
-        layers = [int(x) for x in text.split(",") if x.strip()]
+        indices = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        layers = []
-    if not layers:
-        raise ConfigError(f"--layers takes comma-separated layer indices like 8,16,24, got '{text}'")
-    return layers
+        indices = []
+    if not indices:
+        raise ConfigError(f"{option} takes comma-separated {what} indices like {example}, got '{text}'")
+    return indices
 
 
 def _flops(x: float) -> str:
@@ -43,7 +44,7 @@ def cmd_build(args) -> int:
     from .runtime.flops import report
     from .runtime.vision import largest_image_tokens
 
-    layers = _layers(args.layers) if args.layers is not None else None
+    layers = _indices(args.layers, "--layers", "layer", "8,16,24") if args.layers is not None else None
     model = args.model
     ckpt = preset_checkpoint(model, args.seed) if model in PRESETS else open_checkpoint(model)
     llm = ckpt.llm
@@ -143,7 +144,8 @@ def cmd_package(args) -> int:
                          args.copy_engine, args.device, args.max_queue_delay_us, args.force, scheduler=args.scheduler,
                          kv_cache_tokens=args.kv_cache_tokens, max_queued_requests=args.max_queued_requests,
                          kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-                         decoupled=args.decoupled == "true")
+                         decoupled=args.decoupled == "true",
+                         gpus=_indices(args.gpus, "--gpus", "GPU", "0,1,2,3") if args.gpus is not None else None)
     print(f"model repository written to {args.output} (model '{model.name}')")
     print(f"serve it:  python -m builder serve --repo {args.output}")
     print(f"or, in NVIDIA's Triton container (with pdrop installed):  tritonserver --model-repository={args.output}")
@@ -200,7 +202,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace an existing output directory")
     b.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     b.add_argument("--plugins", default="auto",
-                   help="compile the drop's CUDA kernels into the engine: auto (when nvcc is found), on, off")
+                   help="compile the drop's CUDA kernels into the engine: auto (when nvcc is found, or the cache "
+                        "holds a build of these sources, as scripts/gpu_prepare.sh leaves one), on, off")
     b.add_argument("--cpu-kernels", default="auto",
                    help="compile the CPU decode kernels into the engine: auto (when a C++ compiler is found), on, off")
     b.add_argument("--cuda-archs", help="GPU architectures for the kernels, any this nvcc lists (nvcc --list-gpu-arch), "
@@ -233,7 +236,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="precision to run in: auto (the engine's on a GPU; on a CPU bfloat16 where it has "
                         "native bf16, else float32) | float32 | float16 | bfloat16")
     r.add_argument("--compile", action="store_true",
-                   help="run decode steps through torch.compile (tens of seconds to compile at the first step)")
+                   help="run decode steps through torch.compile (compiled at load: tens of seconds)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     r.add_argument("--keep-map", metavar="OUT.png", help="draw which image patches survived each stage")
     r.set_defaults(func=cmd_run)
@@ -247,15 +250,20 @@ def make_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-batch-size", type=int, help="Triton batch size (default: the engine's)")
     k.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching window")
     k.add_argument("--device", default="auto", help="where the model runs: auto | cpu | cuda | cuda:N")
+    k.add_argument("--gpus", metavar="0,1,...",
+                   help="one engine on each of these GPUs (Triton KIND_GPU instances; --instances per GPU): "
+                        "data parallel, each with its own KV pool and scheduler")
     k.add_argument("--copy-engine", action="store_true", help="copy the engine into the repository")
     k.add_argument("--scheduler", default="inflight", choices=["inflight", "static"],
                    help="inflight (default): requests join and leave the running batch between steps; "
                         "static: a batch runs to its end before the next is admitted (the baseline)")
     k.add_argument("--kv-cache-tokens", type=int, default=0,
-                   help="KV pool size in token slots per layer (default 0: max batch size x max seq len)")
+                   help="KV pool size in token slots per layer (default 0: on CUDA planned from memory, "
+                        "see --kv-cache-memory-fraction; on a CPU max batch size x max seq len)")
     k.add_argument("--kv-cache-memory-fraction", type=float, default=0.0,
-                   help="on CUDA: size the KV pool to this fraction of the free GPU memory after loading "
-                        "(TensorRT-LLM's free_gpu_memory_fraction); 0: use --kv-cache-tokens")
+                   help="on CUDA without --kv-cache-tokens: the KV pool takes this fraction of the GPU memory "
+                        "left by the weights and the measured peak of the largest prefill and decode step "
+                        "(TensorRT-LLM's free_gpu_memory_fraction); 0: the default, 0.9")
     k.add_argument("--max-queued-requests", type=int, default=64,
                    help="waiting requests beyond this get 'server busy, retry later'")
     k.add_argument("--decoupled", default="true", choices=["true", "false"],

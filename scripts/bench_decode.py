@@ -2,12 +2,14 @@
 against torch ops (blocks gathered first).
 
     python scripts/bench_decode.py --shape llava-next-small --batch 1,4,8     # CPU, ~3 min
+    python scripts/bench_decode.py --device cuda --engine ENGINE_DIR --batch 1,8   # a built engine
 
-Builds the random-weight preset, prefills one 672x672 request (2,928 image tokens) per drop ratio
-and copies its blocks to --batch distinct sequences of the pool, then times decode steps two ways
-in the same run: the kernel (pdrop_cpu_paged_decode on a CPU, pdrop_paged_decode on CUDA: each row's
-blocks read in place through its table) and torch ops (every row's table copied out with
-index_select, then one masked attention). Prints ms per step (median of --steps) and the ratio.
+Builds the random-weight preset (or takes --engine), prefills one 672x672 request (2,928 image
+tokens) per drop ratio and copies its blocks to --batch distinct sequences of the pool, then times
+decode steps two ways in the same run: the kernel (pdrop_cpu_paged_decode on a CPU,
+pdrop_paged_decode on CUDA: each row's blocks read in place through its table) and torch ops (every
+row's table copied out with index_select, then one masked attention). Prints ms per step (median of
+--steps) and the ratio.
 """
 from __future__ import annotations
 
@@ -61,6 +63,17 @@ def step_ms(engine: Engine, seqs: list[SequenceKV], kernels, steps: int) -> floa
     return statistics.median(times[1:]) * 1e3
 
 
+def build(shape: str, max_batch: int, device: str, out: Path) -> Path:
+    """The random-weight preset `shape` as an engine at `out`: bfloat16 with the CUDA kernels for a CUDA run."""
+    ckpt = preset_checkpoint(shape)
+    cfg = ckpt.llm
+    limits = Limits(max_batch, cfg.max_position_embeddings - 512, cfg.max_position_embeddings)
+    cuda = device.startswith("cuda")
+    build_engine(ckpt, out, PyramidSchedule.create(cfg.n_layers, 0.5), limits, "bfloat16" if cuda else "float32",
+                 progress=False, plugins="auto" if cuda else "off")
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", "--preset", dest="shape", default="llava-next-small")
@@ -68,18 +81,19 @@ def main() -> int:
     p.add_argument("--ratios", default="0,0.5")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", type=Path, help="time this built engine (bench_engine.py shares it) instead of "
+                                               "building --shape's preset")
     args = p.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (672, 672, 3), dtype=np.uint8))
-    ckpt = preset_checkpoint(args.shape)
-    cfg = ckpt.llm
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        limits = Limits(max(batches), cfg.max_position_embeddings - 512, cfg.max_position_embeddings)
-        dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-        build_engine(ckpt, Path(tmp) / "engine", PyramidSchedule.create(cfg.n_layers, 0.5), limits, dtype,
-                     progress=False, plugins="auto" if args.device.startswith("cuda") else "off")
-        engine = Engine.load(Path(tmp) / "engine", device=args.device)
+        path = args.engine or build(args.shape, max(batches), args.device, Path(tmp) / "engine")
+        # a benchmark times the engine, it does not vouch for its files: no hashing of 13.5 GB at 7B
+        engine = Engine.load(path, device=args.device, verify=False)
+        if max(batches) > engine.manifest.limits.max_batch_size:
+            raise SystemExit(f"error: --batch {max(batches)} exceeds the engine's max batch size "
+                             f"{engine.manifest.limits.max_batch_size}")
         if engine.llm.decode_kernels is None:
             raise SystemExit("error: the engine has no decode kernels (no C++ compiler, or nvcc on CUDA)")
         for drop in (float(r) for r in args.ratios.split(",")):
@@ -91,7 +105,8 @@ def main() -> int:
             for s in seqs:
                 engine.pool.release(s.block_ids())
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{args.shape} on {name}, {engine.dtype}: ms per decode step, median of {args.steps}")
+    shape = engine.manifest.source["checkpoint"].removeprefix("preset:")
+    print(f"\n{shape} on {name}, {engine.dtype}: ms per decode step, median of {args.steps}")
     print("| drop | batch | KV tokens, first / last layer | torch ops (gathered) ms | kernel (in place) ms "
           "| × torch ops |")
     print("|---|---|---|---|---|---|")

@@ -2,13 +2,15 @@
 
     python scripts/bench_engine.py --shape llava-next-vicuna-7b --batch 1,8          # on a GPU
     python scripts/bench_engine.py --shape llava-next-small --batch 1 --max-new-tokens 16   # CPU
+    python scripts/bench_engine.py --engine ENGINE_DIR --no-hf --batch 1,8          # a built engine
 
 One image (672x672: 2,928 image tokens with 336-px tiles) + a ~30-token question per sequence.
 Rows: (a) transformers' LlavaNextForConditionalGeneration.generate (sdpa, same dtype), (b) pdrop
-drop 0, (c) pdrop at each --ratios; for each batch size: vision and TTFT (median of --repeats
-after a warm-up), prefill FLOPs (full count), decode tokens/s over --max-new-tokens, peak GPU
-memory, with ratios to (a); on a GPU also the batch-1 decode roofline (weights + KV bytes over
-HBM bandwidth) and achieved GB/s, as gpt-fast reports. Writes JSON with --json.
+drop 0, (c) pdrop at each --ratios; for each batch size: vision and TTFT (median of --repeats;
+every batch size at every ratio runs once before anything is timed), prefill FLOPs (full count),
+decode tokens/s over --max-new-tokens, peak GPU memory, with ratios to (a); on a GPU also the
+batch-1 decode roofline (weights + KV bytes over HBM bandwidth) and achieved GB/s, as gpt-fast
+reports. Writes JSON with --json.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from PIL import Image
 from builder.convert.build import build_engine
 from builder.convert.presets import preset_checkpoint, write_hf_checkpoint
 from builder.format.config import Limits, PyramidSchedule
+from builder.format.manifest import read_manifest
 from builder.runtime.engine import Engine
 from builder.runtime.flops import full_flops
 from builder.runtime.sampling import SamplingParams
@@ -41,8 +44,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def peak_gb(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+def peak_gb(device: torch.device, besides: int = 0) -> float:
+    """Peak GPU memory since reset_peak, less `besides` bytes held by others."""
+    return (torch.cuda.max_memory_allocated() - besides) / 1e9 if device.type == "cuda" else float("nan")
 
 
 def reset_peak(device: torch.device) -> None:
@@ -54,6 +58,7 @@ def bench_hf(hf_dir: Path, dtype: torch.dtype, device: torch.device, prompt: str
              new_tokens: int, repeats: int) -> dict:
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
+    pdrop_bytes = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # the engine, loaded beside
     model = LlavaNextForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(hf_dir)
@@ -70,7 +75,8 @@ def bench_hf(hf_dir: Path, dtype: torch.dtype, device: torch.device, prompt: str
     run(2)  # warm-up
     ttft = statistics.median(run(1) for _ in range(repeats))
     total = run(new_tokens)
-    out = {"ttft_s": ttft, "decode_tokens_per_s": batch * (new_tokens - 1) / (total - ttft), "peak_gb": peak_gb(device)}
+    out = {"ttft_s": ttft, "decode_tokens_per_s": batch * (new_tokens - 1) / (total - ttft),
+           "peak_gb": peak_gb(device, pdrop_bytes)}
     del model
     gc.collect()
     if device.type == "cuda":
@@ -78,13 +84,25 @@ def bench_hf(hf_dir: Path, dtype: torch.dtype, device: torch.device, prompt: str
     return out
 
 
+def pdrop_run(engine: Engine, prompt: str, image, batch: int, ratio: float, n: int) -> list:
+    params = [SamplingParams(max_new_tokens=n, min_tokens=n) for _ in range(batch)]
+    return engine.generate([prompt] * batch, [image] * batch, params=params, drop_ratio=ratio)
+
+
+def warm_up(engine: Engine, prompt: str, image, batches: list[int], ratios: list[float], new_tokens: int) -> None:
+    """Each timed run once, before any timing: requests join the running batch one by one, so a short
+    warm-up meets only the first batch sizes, and each new one (a CUDA-graph bucket, GEMM shapes, the
+    prefill shapes of each ratio) would initialise inside a timed run."""
+    for batch in batches:
+        for ratio in ratios:
+            pdrop_run(engine, prompt, image, batch, ratio, new_tokens)
+
+
 def bench_pdrop(engine: Engine, prompt: str, image, batch: int, ratio: float, new_tokens: int, repeats: int) -> dict:
     def run(n: int):
-        params = [SamplingParams(max_new_tokens=n, min_tokens=n) for _ in range(batch)]
-        return engine.generate([prompt] * batch, [image] * batch, params=params, drop_ratio=ratio)
+        return pdrop_run(engine, prompt, image, batch, ratio, n)
 
     reset_peak(engine.device)
-    run(2)  # warm-up (and CUDA-graph capture)
     firsts = [run(1)[0] for _ in range(repeats)]
     full = run(new_tokens)
     t = {k: statistics.median(r.timings[k] for r in firsts) for k in ("vision_s", "prefill_s", "ttft_s")}
@@ -100,6 +118,14 @@ def decode_bytes(engine: Engine, context: int) -> tuple[float, float]:
     return weights, 2 * cfg.n_layers * cfg.kv_size * context * size
 
 
+def build(ckpt, max_batch: int, dtype_name: str, out: Path) -> Path:
+    cfg = ckpt.llm
+    limits = Limits(max_batch, cfg.max_position_embeddings - 512, cfg.max_position_embeddings)
+    build_engine(ckpt, out, PyramidSchedule.create(cfg.n_layers, 0.5), limits, dtype_name, plugins="auto",
+                 progress=False)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", "--preset", dest="shape", default="llava-next-small")
@@ -113,6 +139,8 @@ def main() -> int:
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--bandwidth-gbs", type=float, help="HBM bandwidth for the roofline (default: by GPU name)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--engine", help="time this built engine (bench_decode.py shares it) instead of "
+                                               "building --shape's preset; with the HF baseline, built from it")
     args = p.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -125,16 +153,25 @@ def main() -> int:
     ratios = [0.0] + [float(r) for r in args.ratios.split(",") if r]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     ckpt = preset_checkpoint(args.shape)
-    llm_cfg = ckpt.llm
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        limits = Limits(max(batches), llm_cfg.max_position_embeddings - 512, llm_cfg.max_position_embeddings)
-        build_engine(ckpt, tmp / "engine", PyramidSchedule.create(llm_cfg.n_layers, 0.5), limits, dtype_name,
-                     plugins="auto", progress=False)
-        engine = Engine.load(tmp / "engine", device=device)
+        path = Path(args.engine) if args.engine else build(ckpt, max(batches), dtype_name, tmp / "engine")
+        manifest = read_manifest(path, verify=False)
+        if max(batches) > manifest.limits.max_batch_size:
+            raise SystemExit(f"error: --batch {max(batches)} exceeds the engine's max batch size "
+                             f"{manifest.limits.max_batch_size}")
+        if not args.no_hf and manifest.source["fingerprint"] != ckpt.fingerprint:
+            raise SystemExit(f"error: the engine was built from {manifest.source['fingerprint']}, the HF baseline "
+                             f"would run {ckpt.fingerprint}: pass its --shape, or --no-hf")
+        llm_cfg, shape = manifest.llm, manifest.source["checkpoint"].removeprefix("preset:")
+        # no hashing of the weights (a benchmark does not vouch for the files), and a pool for the batch
+        # (every row a whole sequence), not most of the GPU: peak memory then compares with HF's
+        engine = Engine.load(path, device=device, dtype=dtype_name, verify=False,
+                             kv_cache_tokens=max(batches) * manifest.limits.max_seq_len)
         prompt = engine.chat_prompt(QUESTION, True)
         hf_dir = None if args.no_hf else write_hf_checkpoint(ckpt, tmp / "hf")
+        warm_up(engine, prompt, image, batches, ratios, args.max_new_tokens)
         for batch in batches:
             if hf_dir:
                 rows.append({"system": "hf", "batch": batch, "drop_ratio": 0.0,
@@ -148,7 +185,7 @@ def main() -> int:
     n_img = rows[-1]["image_tokens"]
     n_text = rows[-1]["prompt_tokens"] - n_img
     bw = args.bandwidth_gbs or next((v for k, v in HBM_GBS.items() if k in name), None)
-    print(f"\n{args.shape} on {name}, {dtype_name}, image {args.image_size} ({n_img} image tokens + {n_text} text), "
+    print(f"\n{shape} on {name}, {dtype_name}, image {args.image_size} ({n_img} image tokens + {n_text} text), "
           f"{args.max_new_tokens} new tokens, median of {args.repeats}")
     print(f"{'system':>11} {'batch':>5} {'vision ms':>9} {'TTFT ms':>9} {'x HF':>5} {'prefill TFLOP':>13} "
           f"{'decode tok/s':>12} {'x HF':>5} {'peak GB':>7} {'kept per stage':>22}")

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from builder.convert.build import build_engine
+from builder.convert.plugins import find_nvcc, prebuilt_plugins
 from builder.convert.presets import preset_checkpoint, write_hf_checkpoint
 from builder.format.config import EXPORTS, Limits, PyramidSchedule
 from builder.runtime.engine import Engine
@@ -20,6 +21,12 @@ from builder.runtime.paged_kv import SequenceKV
 from builder.runtime.pyramid import ImageSpan
 
 DEMO_LAYERS = [2, 4, 6]
+# The GPU's architecture ("90"; None without a GPU), and why the GPU tests cannot have its CUDA kernels (None
+# when nvcc compiles them or scripts/gpu_prepare.sh prebuilt them into the cache): those tests skip saying so.
+CUDA_ARCH = "".join(map(str, torch.cuda.get_device_capability())) if torch.cuda.is_available() else None
+CUDA_KERNELS_MISSING = (None if CUDA_ARCH is None or find_nvcc() or prebuilt_plugins([CUDA_ARCH]) else
+                        f"no nvcc (CUDA toolkit), and no CUDA kernels for sm_{CUDA_ARCH} in the cache "
+                        "(scripts/gpu_prepare.sh prebuilds them)")
 C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "float": ctypes.c_float, "size_t": ctypes.c_size_t,
            "const char*": ctypes.c_char_p}
 

@@ -54,15 +54,17 @@ def test_penalties_equal_hugging_face_and_the_formula():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(50, generator=g)
     prompt, answer = [3, 7, 7, 20], [7, 9, 9, 9, 41]
+    # as the sampler keeps them: a mask of the prompt's tokens, the answer's counts
+    tokens = torch.bincount(torch.tensor(prompt), minlength=50) > 0, torch.bincount(torch.tensor(answer), minlength=50)
     p = SamplingParams(repetition_penalty=1.3)
     hf = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + answer]), logits[None].clone())[0]
-    assert torch.equal(penalize(logits, prompt, answer, p), hf)
+    assert torch.equal(penalize(logits, *tokens, p), hf)
     p = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
     expected = logits.clone()
     for token in set(answer):
         expected[token] -= 0.5 + 0.25 * answer.count(token)
-    assert torch.allclose(penalize(logits, prompt, answer, p), expected)
-    assert torch.equal(penalize(logits, prompt, answer, SamplingParams()), logits)
+    assert torch.allclose(penalize(logits, *tokens, p), expected)
+    assert torch.equal(penalize(logits, *tokens, SamplingParams()), logits)
 
 
 def test_a_presence_penalty_stops_repeats(engine, images):

@@ -3,22 +3,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CUDA_ARCH, CUDA_KERNELS_MISSING
 from reference import paged_decode_reference, random_paged_batch
 
-from builder.convert.plugins import compile_plugins, find_nvcc
+from builder.convert.plugins import compile_plugins
 from builder.runtime import pyramid
 from builder.runtime.engine import Engine
 from builder.runtime.kernels import Kernels
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
-              pytest.mark.skipif(find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")]
+              pytest.mark.skipif(CUDA_ARCH is None, reason="no CUDA device on this machine"),
+              pytest.mark.skipif(CUDA_KERNELS_MISSING is not None, reason=str(CUDA_KERNELS_MISSING))]
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    major, minor = torch.cuda.get_device_capability()
-    return Kernels(compile_plugins([f"{major}{minor}"], progress=False))
+    return Kernels(compile_plugins([CUDA_ARCH], progress=False))
 
 
 def ragged_batch(gen, n_seq, dtype, heads=32, kv=8, dim=128):
@@ -98,9 +98,8 @@ def test_engine_greedy_with_kernels_equals_torch_ops(engine_dir, demo_ckpt, imag
     from builder.convert.build import build_engine
     from builder.format.config import Limits, PyramidSchedule
 
-    major, minor = torch.cuda.get_device_capability()
     build_engine(demo_ckpt, tmp_path / "e", PyramidSchedule.create(8, 0.5, [2, 4, 6]), Limits(4, 1536, 2048),
-                 progress=False, plugins="on", cuda_archs=[f"{major}{minor}"])
+                 progress=False, plugins="on", cuda_archs=[CUDA_ARCH])
     fast = Engine.load(tmp_path / "e", device="cuda")
     assert fast.llm.kernels is not None and fast.llm.layers[0].attention.kv_cache.kernels is fast.llm.kernels
     plain = Engine.load(tmp_path / "e", device="cuda")

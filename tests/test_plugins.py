@@ -1,6 +1,6 @@
 """The CUDA kernel library on a machine without a GPU: it compiles (warnings as errors), loads,
-and its C header agrees with the ctypes binding. The kernels' numbers are checked in
-test_gpu_kernels.py, on a GPU."""
+its C header agrees with the ctypes binding, and a build without nvcc finds it in the cache. The
+kernels' numbers are checked in test_gpu_kernels.py, on a GPU."""
 from __future__ import annotations
 
 import re
@@ -21,16 +21,23 @@ from builder.convert.plugins import (
     find_nvcc,
     nvcc_command,
 )
-from builder.format.errors import ConfigError
+from builder.format.errors import ConfigError, PdropError
 from builder.runtime.engine import Engine
-from builder.runtime.kernels import ABI_VERSION, SIGNATURES, Kernels
+from builder.runtime.kernels import ABI_VERSION, SIGNATURES, STATUS_CUDA_ERROR, Kernels
 
 pytestmark = pytest.mark.skipif(find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")
 
+
 @pytest.fixture(scope="module")
-def library(tmp_path_factory):
+def xdg_cache(tmp_path_factory) -> Path:
+    """An empty $XDG_CACHE_HOME: the plugin cache is its pdrop/plugins."""
+    return tmp_path_factory.mktemp("xdg")
+
+
+@pytest.fixture(scope="module")
+def library(xdg_cache):
     """Compiled for sm_80 and sm_90 into an empty cache, so nvcc really runs."""
-    return compile_plugins(["80", "90"], cache=tmp_path_factory.mktemp("cache"), progress=False)
+    return compile_plugins(["80", "90"], cache=xdg_cache / "pdrop" / "plugins", progress=False)
 
 
 def test_header_and_binding_agree():
@@ -78,7 +85,44 @@ def test_archs_are_checked_against_the_installed_nvcc():
 
 
 def test_library_is_cached_by_source_hash(library):
-    assert compile_plugins(["80", "90"], cache=library.parent.parent, progress=False) == library
+    assert compile_plugins(["80", "90"], cache=library.parents[2], progress=False) == library
+
+
+def test_a_cuda_error_says_which(library):
+    """Without a GPU every launch fails: the error names the CUDA error, not just "CUDA error"."""
+    kernels = Kernels(library)
+    status = kernels.lib.pdrop_select(*([8] * 5), 1, 8, None)  # non-null pointers reach the launch
+    assert status == STATUS_CUDA_ERROR
+    with pytest.raises(RuntimeError, match=r"^pdrop_select failed: CUDA error cudaError\w+: \w+"):
+        kernels._check(status, "pdrop_select")
+
+
+def test_without_nvcc_a_build_takes_the_library_prebuilt_from_the_same_sources(library, xdg_cache, demo_ckpt,
+                                                                                  tmp_path, monkeypatch):
+    """A GPU machine without nvcc, given a cache filled elsewhere (scripts/gpu_prepare.sh) and a copy of
+    the tree at another path, ships the library that matches its sources and flags; else says why not."""
+    from builder.convert import plugins
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg_cache))
+    monkeypatch.setattr(plugins, "find_nvcc", lambda: None)
+    shutil.copytree(PLUGINS, tmp_path / "plugins")
+    monkeypatch.setattr(plugins, "PLUGINS", tmp_path / "plugins")
+    assert compile_plugins(["80", "90"], progress=False) == library
+    from builder.convert.build import build_engine
+    from builder.format.config import Limits, PyramidSchedule
+
+    def build(path, archs, mode):
+        return build_engine(demo_ckpt, path, PyramidSchedule.create(8, 0.5, [2, 4, 6]), Limits(2, 1536, 2048),
+                            progress=False, plugins=mode, cuda_archs=archs, cpu_kernels="off")[0].plugins
+    assert build(tmp_path / "a", ["80", "90"], "auto")["archs"] == ["80", "90"]
+    assert (tmp_path / "a" / "libpdrop_plugins.so").read_bytes() == library.read_bytes()
+    assert build(tmp_path / "b", ["80"], "auto") == {"library": None, "reason": "nvcc not found at build time",
+                                                     "cpu": {"libraries": None, "reason": "disabled"}}
+    with pytest.raises(PdropError, match="nvcc not found, and no CUDA kernels for sm_80 prebuilt from these sources"):
+        build(tmp_path / "c", ["80"], "on")
+    with open(tmp_path / "plugins" / "src" / "pdrop_kernels.cu", "a") as source:
+        source.write("// edited\n")
+    assert plugins.prebuilt_plugins(["80", "90"]) is None  # other sources: not that library
 
 
 def test_engine_ships_the_kernels_and_cpu_runs_torch_ops(demo_ckpt, tmp_path, images, monkeypatch):
@@ -93,7 +137,7 @@ def test_engine_ships_the_kernels_and_cpu_runs_torch_ops(demo_ckpt, tmp_path, im
            "abi_version": 1}
     assert manifest.plugins == {"library": "libpdrop_plugins.so", "kernels": ["pdrop_score", "pdrop_select",
                                 "pdrop_compact", "pdrop_paged_decode"], "archs": ["80"], "ptx": "compute_80",
-                                "abi_version": 2, "tensorrt_plugin": None, "cpu": cpu}
+                                "abi_version": 3, "tensorrt_plugin": None, "cpu": cpu}
     assert "libpdrop_plugins.so" in manifest.files and all(f in manifest.files for f in cpu["libraries"].values())
     engine = Engine.load(tmp_path / "e", device="cpu")
     assert engine.llm.kernels is None and engine.llm.decode_kernels is not None  # the CPU library

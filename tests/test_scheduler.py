@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builder.format.errors import InputError
+from builder.format.errors import EngineError, InputError
 from builder.runtime.engine import Engine
 from builder.runtime.sampling import SamplingParams
 
@@ -237,3 +237,71 @@ def test_drop_half_admits_about_twice_the_requests_at_a_fixed_pool(shape, pool_g
         "kv_bytes_per_request"]
     assert drop["admitted"] >= 1.8 * base["admitted"]
     assert [s["kv_bytes"] for s in drop["stages"]] == sorted((s["kv_bytes"] for s in drop["stages"]), reverse=True)
+
+
+def test_a_request_that_raises_fails_alone_and_the_others_answer_exactly(fresh, images):
+    """Out of memory in one request's prefill fails that request only; an exception in a decode step
+    fails that step's requests only; the pool comes back whole and later requests are served."""
+    engine = fresh()
+    params = SamplingParams(max_new_tokens=6)
+    reqs = [engine.prepare(PROMPT, images[i], params, 0.5) for i in range(3)]
+    embed = engine.embed
+
+    def embed_or_run_out(req):
+        if req is reqs[1]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nSee the docs")
+        return embed(req)
+
+    engine.embed = embed_or_run_out
+    events = {}
+    for i, req in enumerate(reqs):
+        engine.scheduler.submit(req, lambda e, i=i: events.setdefault(i, []).append(e), i)
+    run_until_idle(engine)
+    [error] = events[1]
+    assert str(error) == "generation failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
+    for i in (0, 2):
+        assert final(events[i]).token_ids == solo(engine, PROMPT, images[i], params, 0.5).token_ids
+    assert engine.pool.n_free == engine.pool.num_blocks
+
+    step, failed = engine.decoder.step, []
+
+    def fail_once(tokens, seqs):
+        if not failed:
+            failed.append(len(seqs))
+            raise RuntimeError("boom")
+        return step(tokens, seqs)
+
+    engine.decoder.step = fail_once
+    events = {}
+    submit(engine, PROMPT, images[0], params, 0.5, events, 0)
+    run_until_idle(engine)
+    first, error = events[0]  # the prefill's token, then the failed step
+    assert failed == [1] and first.token_id is not None and str(error) == "generation failed: RuntimeError: boom"
+    events = {}
+    submit(engine, PROMPT, images[2], params, 0.5, events, 0)
+    run_until_idle(engine)
+    assert final(events[0]).token_ids == solo(engine, PROMPT, images[2], params, 0.5).token_ids
+    assert engine.pool.n_free == engine.pool.num_blocks
+
+
+def test_an_unusable_device_fails_everything_once_and_refuses_new_requests(fresh, images, capsys):
+    """A sticky device error (as CUDA's illegal address leaves) is logged once; every request gets it;
+    new requests are refused at once with the same one line, never admitted to fail one by one."""
+    engine = fresh()
+    message = "the CUDA device cuda:0 is unusable after an error (an illegal memory access); restart the server"
+    engine.device_error = lambda: message
+
+    def illegal(req):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine.embed = illegal
+    events = {}
+    params = SamplingParams(max_new_tokens=4)
+    for i in range(3):
+        submit(engine, PROMPT, images[i], params, 0.5, events, i)
+    run_until_idle(engine)
+    assert all([str(e) for e in events[i]] == [message] for i in range(3)), events
+    with pytest.raises(EngineError, match="unusable after an error"):
+        submit(engine, PROMPT, images[0], params, 0.5, events, 3)
+    assert capsys.readouterr().err.splitlines() == [f"pdrop: {message}"]
+    assert engine.pool.n_free == engine.pool.num_blocks

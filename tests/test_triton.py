@@ -21,7 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import np_to_triton_dtype
 
 from builder.client.grpc import infer, request_inputs, served_drop_ratio, tensor
-from builder.format.errors import EngineError
+from builder import instance_device
+from builder.cli import main
+from builder.format.errors import ConfigError, EngineError
 from builder.runtime.sampling import SamplingParams
 from builder.serve.launcher import ServerError, TritonServer, free_port
 from builder.serve.package import package_repo
@@ -60,6 +62,31 @@ def test_package_writes_a_valid_repository(repo, engine_dir):
     assert 'key: "drop_ratio" value: { string_value: "0.5" }' in config
     assert 'key: "drop_layers" value: { string_value: "2,4,6" }' in config
     assert (repo / "pdrop" / "1" / "model.py").is_file()
+
+
+def test_package_gpus_puts_an_engine_on_each_listed_gpu(engine_dir, tmp_path, capsys):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    def group(model):
+        config = text_format.Parse((model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        [g] = config.instance_group
+        return model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind), list(g.gpus), g.count
+
+    assert group(package_repo(engine_dir, tmp_path / "cpu")) == ("KIND_CPU", [], 1)
+    assert group(package_repo(engine_dir, tmp_path / "gpus", gpus=[0, 1, 2, 3], instances=2)) == (
+        "KIND_GPU", [0, 1, 2, 3], 2)
+    # what the model does with Triton's instance arguments: each instance its own GPU
+    assert instance_device("auto", "GPU", "3") == "cuda:3"
+    assert instance_device("cpu", "CPU", "0") == "cpu"
+    for gpus, device, says in (([0, 0], "auto", "distinct GPU indices"), ([-1], "auto", "distinct GPU indices"),
+                               ([0, 1], "cpu", "leave --device auto")):
+        with pytest.raises(ConfigError, match=says):
+            package_repo(engine_dir, tmp_path / "refused", gpus=gpus, device=device)
+        assert not (tmp_path / "refused").exists()
+    assert main(["package", "--engine", str(engine_dir), "--output", str(tmp_path / "x"), "--gpus", "a,b"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: --gpus takes comma-separated GPU indices like 0,1,2,3, got 'a,b'"]
 
 
 def test_clients_read_the_engine_drop_ratio_from_the_server(server, client):

@@ -82,8 +82,9 @@ def _write_weights(ckpt: Checkpoint, plan: dict[str, list[str]], dtype: torch.dt
 
 
 def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tuple[list[Path], dict]:
-    """The libraries to ship ('auto': when nvcc is there, 'on': required, 'off') and their record:
-    the kernels, and the TensorRT plugin where TensorRT headers are found."""
+    """The libraries to ship ('auto': when nvcc is there or the cache holds a build of these sources,
+    'on': required, 'off') and their record: the kernels, and the TensorRT plugin where TensorRT
+    headers are found."""
     from ..runtime.kernels import ABI_VERSION
     from .plugins import (
         DEFAULT_ARCHS,
@@ -94,15 +95,16 @@ def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tupl
         compile_plugins,
         find_nvcc,
         find_tensorrt_include,
+        prebuilt_plugins,
         ptx_arch,
     )
 
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"--plugins must be auto, on or off, got '{mode}'")
-    if mode == "off" or (mode == "auto" and find_nvcc() is None):
+    archs = archs or DEFAULT_ARCHS
+    if mode == "off" or (mode == "auto" and find_nvcc() is None and prebuilt_plugins(archs) is None):
         reason = "disabled" if mode == "off" else "nvcc not found at build time"
         return [], {"library": None, "reason": reason}
-    archs = archs or DEFAULT_ARCHS
     paths = [compile_plugins(archs, progress=progress)]
     record = {"library": LIBRARY, "kernels": KERNELS, "archs": archs, "ptx": f"compute_{ptx_arch(archs)}",
               "abi_version": ABI_VERSION, "tensorrt_plugin": None}

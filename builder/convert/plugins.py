@@ -1,6 +1,7 @@
-"""Compile plugins/ into shared libraries, cached by source hash: the CUDA kernels
-(libpdrop_plugins.so, nvcc) and the CPU decode attention (libpdrop_cpu*.so, a C++ compiler, one
-library per x86 instruction set so that an engine runs on any CPU and fast on each)."""
+"""Compile plugins/ into shared libraries, cached by sources and flags, then compiler version: the CUDA
+kernels (libpdrop_plugins.so, nvcc; without nvcc, one that any nvcc built from the same sources is taken
+from the cache) and the CPU decode attention (libpdrop_cpu*.so, a C++ compiler, one library per x86
+instruction set so that an engine runs on any CPU and fast on each)."""
 from __future__ import annotations
 
 import hashlib
@@ -74,7 +75,7 @@ def nvcc_command(nvcc: str, archs: list[str], out: Path, tensorrt: Path | None =
     sources = sorted((PLUGINS / "src").glob("*.cu"))
     extra = ["-isystem", str(tensorrt)] if tensorrt else []
     if tensorrt:
-        sources.append(PLUGINS / "tensorrt" / "pdrop_trt_plugin.cpp")
+        sources.append(PLUGINS / "tensorrt" / "pdrop_trt_plugin.cu")
     return [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror", "-Werror",
             "all-warnings", f"-I{PLUGINS / 'include'}", *extra, *gencode, "-o", str(out), *map(str, sources)]
 
@@ -83,12 +84,21 @@ def _cache_dir(cache: Path | None) -> Path:
     return cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdrop" / "plugins"
 
 
-def _source_digest(command: list[str], compiler_version: str) -> str:
-    digest = hashlib.sha256(" ".join(command).encode() + compiler_version.encode())
+def _sources_digest(command: list[str]) -> str:
+    """What a library is made of: the sources and the compiler flags, with the checkout's path left out, so
+    that a copy of the tree on another machine finds the same cache entry."""
+    digest = hashlib.sha256(" ".join(command).replace(str(PLUGINS), "plugins").encode())
     for f in sorted(PLUGINS.rglob("*")):
         if f.suffix in (".h", ".cu", ".cuh", ".cpp"):
             digest.update(f.name.encode() + f.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _cache_target(cache: Path | None, command: list[str], compiler_version: str, name: str) -> Path:
+    """<cache>/<sources and flags>/<compiler version>/<name>: the builds of one source tree by several
+    compilers sit side by side, where a machine without a compiler can take any of them."""
+    version = hashlib.sha256(compiler_version.encode()).hexdigest()[:16]
+    return _cache_dir(cache) / _sources_digest(command) / version / name
 
 
 def _compile(command: Callable[[Path], list[str]], target: Path, what: str, progress: bool) -> Path:
@@ -118,22 +128,35 @@ def _require_sources(header: str) -> None:
         raise PdropError(f"plugin sources not found at {PLUGINS}: building kernels needs a source checkout")
 
 
+def prebuilt_plugins(archs: list[str] | None = None, cache: Path | None = None,
+                     tensorrt: Path | None = None) -> Path | None:
+    """The kernel library (or TensorRT plugin) for `archs` that some nvcc built from these very sources and
+    flags into the cache (say, one scripts/gpu_prepare.sh filled and carried to a GPU machine without
+    nvcc): the newest such build, or None."""
+    command = nvcc_command("nvcc", archs or DEFAULT_ARCHS, Path("x"), tensorrt)
+    builds = (_cache_dir(cache) / _sources_digest(command)).glob(f"*/{TRT_LIBRARY if tensorrt else LIBRARY}")
+    return max(builds, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def compile_plugins(archs: list[str] | None = None, nvcc: str | None = None, cache: Path | None = None,
                     progress: bool = True, tensorrt: Path | None = None) -> Path:
     """Build (or take from the cache) the kernel library for `archs`, or with `tensorrt` headers the
-    TensorRT plugin library; returns its path."""
+    TensorRT plugin library; returns its path. Without nvcc, a prebuilt one (prebuilt_plugins)."""
     nvcc = nvcc or find_nvcc()
-    if nvcc is None:
-        raise PdropError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
     _require_sources("pdrop_plugins.h")
     archs = archs or DEFAULT_ARCHS
+    what = f"{'the TensorRT plugin' if tensorrt else 'CUDA kernels'} for sm_{', sm_'.join(archs)}"
+    if nvcc is None:
+        prebuilt = prebuilt_plugins(archs, cache, tensorrt)
+        if prebuilt is None:
+            raise PdropError(f"nvcc not found, and no {what} prebuilt from these sources in {_cache_dir(cache)}: "
+                             "install the CUDA toolkit or set CUDA_HOME")
+        return prebuilt
     check_archs(nvcc, archs)
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    digest = _source_digest(nvcc_command("nvcc", archs, Path("x"), tensorrt), version)
-    target = _cache_dir(cache) / digest / (TRT_LIBRARY if tensorrt else LIBRARY)
-    what = "the TensorRT plugin" if tensorrt else "CUDA kernels"
-    return _compile(lambda out: nvcc_command(nvcc, archs, out, tensorrt), target,
-                    f"{what} for sm_{', sm_'.join(archs)}", progress)
+    target = _cache_target(cache, nvcc_command("nvcc", archs, Path("x"), tensorrt), version,
+                           TRT_LIBRARY if tensorrt else LIBRARY)
+    return _compile(lambda out: nvcc_command(nvcc, archs, out, tensorrt), target, what, progress)
 
 
 def find_cxx() -> str | None:
@@ -163,8 +186,7 @@ def compile_cpu_kernels(cxx: str | None = None, cache: Path | None = None, progr
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     paths = {}
     for variant in CPU_VARIANTS:
-        digest = _source_digest(cxx_command("c++", variant, Path("x")), version)
-        target = _cache_dir(cache) / digest / cpu_library(variant)
+        target = _cache_target(cache, cxx_command("c++", variant, Path("x")), version, cpu_library(variant))
         paths[variant] = _compile(lambda out: cxx_command(cxx, variant, out), target, f"CPU kernels ({variant})",
                                   progress)
     return paths

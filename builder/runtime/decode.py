@@ -1,20 +1,19 @@
 """Decode-step runners over the paged KV cache: a plain call or a torch.compile'd one (any device),
-and CUDA-graph replay of either (CUDA).
+and CUDA-graph replay of either (CUDA, with the engine's kernels).
 
 A step is a function of device tensors only (tokens, block tables, lengths, offsets: DecodeBatch),
 so it can be compiled and captured. Compiled, the small ops between the kernels (norms, RoPE,
 residuals, the KV writes) fuse; the kernels stay ops of the graph (runtime.kernels); shapes are
-dynamic (batch rows, each layer's table width), so a few compiles serve every step.
+dynamic (batch rows, each layer's table width), so one compile serves every step.
 
-The graph runner pads the batch to a bucket (a power of two) and each layer's block table to a
-width bucket of its own (a deep stage's table stays as short as what it holds); padding rows read
-and write only the null block. Each (batch, widths) bucket is captured once and replayed by every
-later step of that shape.
+The graph runner keeps one graph per batch bucket, every layer's table as wide as max_seq_len: the
+paged-decode kernel reads only each row's own keys (blocks past a row's length cost an empty
+chunk), so one graph serves every length, stage and drop ratio, and every graph is captured at
+start-up (warm_up), none while serving. Padding rows read and write only the null block.
 """
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 
@@ -50,6 +49,11 @@ class Decoder:
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             return self.compiled(tokens, batch)
 
+    def warm_up(self) -> None:
+        """Compile the step now (tens of seconds), not at the first request: one step of padding rows."""
+        if self.compiled is not None:
+            self.forward(*padded(no_tokens(self.llm), [], 2, [2] * len(self.llm.layers)))
+
 
 def padded(tokens: torch.Tensor, seqs: list[SequenceKV], rows: int,
            widths: list[int]) -> tuple[torch.Tensor, DecodeBatch]:
@@ -61,55 +65,74 @@ def padded(tokens: torch.Tensor, seqs: list[SequenceKV], rows: int,
     return out, batch
 
 
+def no_tokens(llm: Transformer) -> torch.Tensor:
+    """The tokens of no sequence, on the model's device: padded() makes every row a padding row."""
+    return torch.zeros(0, dtype=torch.long, device=llm.tok_embeddings.weight.device)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes a graph is captured for: the powers of two below max_batch, and max_batch."""
+    return [1 << i for i in range(max(0, math.ceil(math.log2(max_batch))))] + [max_batch]
+
+
 class _Graph:
-    def __init__(self, batch: DecodeBatch, tokens: torch.Tensor):
-        self.batch, self.tokens = batch, tokens
-        self.graph: torch.cuda.CUDAGraph | None = None
+    """One captured step and its input tensors, which a replay reads: new values are copied in."""
+
+    def __init__(self, tokens: torch.Tensor, batch: DecodeBatch):
+        self.tokens, self.batch = tokens, batch
+        self.graph = torch.cuda.CUDAGraph()
         self.logits: torch.Tensor | None = None
+        self.seqs: list[SequenceKV] = []  # whose tables `batch` holds
+
+    def load(self, tokens: torch.Tensor, seqs: list[SequenceKV]) -> None:
+        """Copy in this step's tokens and lengths; the block tables only when the rows changed (a
+        sequence's table is fixed from admission to its end)."""
+        n, rows = len(seqs), self.tokens.shape[0]
+        self.tokens[:n].copy_(tokens)
+        if len(seqs) != len(self.seqs) or any(a is not b for a, b in zip(seqs, self.seqs)):
+            new = DecodeBatch.of(seqs, rows, tokens.device, [t.shape[1] for t in self.batch.tables])
+            for mine, theirs in ((self.batch.flat, new.flat), (self.batch.lengths, new.lengths),
+                                 (self.batch.offsets, new.offsets)):
+                mine.copy_(theirs)
+            self.seqs = list(seqs)
+        else:
+            self.batch.lengths[:, :n].copy_(torch.tensor([s.lengths for s in seqs]).T)
 
 
 class GraphDecoder(Decoder):
-    """CUDA-graph decode, one graph per (batch bucket, per-layer table-width buckets); at most
-    `max_graphs` kept."""
+    """CUDA-graph decode: a graph per batch bucket (batch_buckets), captured by warm_up into one
+    shared memory pool (graphs never run at once, and each step's logits are consumed before the
+    next) on one capture stream."""
 
-    def __init__(self, llm: Transformer, block_size: int, compiled: bool = False, width_bucket_tokens: int = 512,
-                 max_graphs: int = 8):
+    def __init__(self, llm: Transformer, block_size: int, max_batch: int, max_seq_len: int, compiled: bool = False):
         super().__init__(llm, compiled)
-        self.max_graphs = max_graphs
-        self.width_bucket = max(1, width_bucket_tokens // block_size)
-        self.graphs: OrderedDict[tuple[int, int], _Graph] = OrderedDict()
-        self.captures = 0  # how many graphs were captured, for tests and logs
+        self.widths = [math.ceil(max_seq_len / block_size)] * len(llm.layers)
+        self.buckets = batch_buckets(max_batch)
+        self.stream = torch.cuda.Stream()
+        self.memory = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, _Graph] = {}
+        self.captures = 0  # graphs captured, for tests and logs
+
+    def warm_up(self) -> None:
+        """Capture every bucket's graph, the largest first so that the smaller ones reuse its memory."""
+        for rows in reversed(self.buckets):
+            self.graphs[rows] = self._capture(*padded(no_tokens(self.llm), [], rows, self.widths))
 
     def run(self, tokens: torch.Tensor, seqs: list[SequenceKV]) -> torch.Tensor:
-        rows = 1 << math.ceil(math.log2(len(seqs)))
-        widths = [math.ceil(w / self.width_bucket) * self.width_bucket for w in widest(seqs)]
-        tokens_in, batch = padded(tokens, seqs, rows, widths)
-        key = (rows, tuple(widths))  # layers of one stage share a width: in effect one per stage
-        g = self.graphs.get(key)
-        if g is None:
-            while len(self.graphs) >= self.max_graphs:
-                self.graphs.popitem(last=False)
-            g = self.graphs[key] = self._capture(batch, tokens_in)
-        else:
-            for mine, new in ((g.batch.flat, batch.flat), (g.batch.lengths, batch.lengths),
-                              (g.batch.offsets, batch.offsets), (g.tokens, tokens_in)):
-                mine.copy_(new)
-            g.graph.replay()
-        self.graphs.move_to_end(key)
+        g = self.graphs[next(b for b in self.buckets if b >= len(seqs))]
+        g.load(tokens, seqs)
+        g.graph.replay()
         return g.logits[:len(seqs)]
 
-    def _capture(self, batch: DecodeBatch, tokens: torch.Tensor) -> _Graph:
-        """Warm up on a side stream, then capture. Warm-up and capture both run the real step (the
-        writes go to the rows' next slots, where the step being served writes them anyway)."""
-        g = _Graph(batch, tokens)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.forward(g.tokens, g.batch)
-        torch.cuda.current_stream().wait_stream(side)
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph):
-            g.logits = self.forward(g.tokens, g.batch)
-        g.graph.replay()  # capturing does not run the step; this serves it
+    def _capture(self, tokens: torch.Tensor, batch: DecodeBatch) -> _Graph:
+        """Run once on the capture stream (lazy initialisations, a compile, happen outside the
+        capture), then capture. Both write only the null block: every row is a padding row."""
+        g = _Graph(tokens, batch)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self.forward(tokens, batch)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        with torch.cuda.graph(g.graph, pool=self.memory, stream=self.stream):
+            g.logits = self.forward(tokens, batch)
         self.captures += 1
         return g

@@ -10,8 +10,10 @@ it goes through the step scheduler (scheduler.py), the same path a server uses.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from .decode import Decoder, GraphDecoder
 from .images import load_image
 from .model import Transformer
 from .kernel_linear import use_kernel_linears
+from .memory_plan import DEFAULT_FRACTION, plan_memory
 from .paged_kv import BlockPool
 from .rope import Rope
 from .sampling import SamplingParams
@@ -96,7 +99,7 @@ def load_kernels(path: Path, manifest, device: torch.device):
     library = manifest.plugins.get("library")
     if library is None:
         warnings.warn(f"pdrop: engine has no CUDA kernels ({manifest.plugins.get('reason', 'not built')}); "
-                      "the drop runs on torch ops", stacklevel=3)
+                      "the drop and decode attention run on torch ops, decode without CUDA graphs", stacklevel=3)
         return None
     from .kernels import Kernels
 
@@ -133,29 +136,42 @@ class Engine:
         self.max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
         self.dtype = llm.tok_embeddings.weight.dtype
         cfg, limits = manifest.llm, manifest.limits
-        tokens = kv_cache_tokens or self._pool_tokens(kv_cache_memory_fraction, block_size)
-        if tokens < 1 or block_size < 1:
-            raise InputError(f"kv_cache_tokens and block_size must be positive, got {tokens} and {block_size}")
-        self.pool = BlockPool(cfg.n_layers * math.ceil(tokens / block_size), block_size, cfg.n_kv_heads,
-                              cfg.head_dim, self.dtype, device)
-        llm.attach(self.pool)
-        graphs = cuda_graphs and device.type == "cuda"
-        self.decoder = GraphDecoder(llm, block_size, compiled) if graphs else Decoder(llm, compiled)
+        if block_size < 1 or (kv_cache_tokens is not None and kv_cache_tokens < 1):
+            raise InputError(f"kv_cache_tokens and block_size must be positive, got {kv_cache_tokens} and {block_size}")
+        graphs = cuda_graphs and device.type == "cuda" and llm.decode_kernels is not None
+        with self.on_device():
+            self.plan = None
+            tokens = kv_cache_tokens or self._pool_tokens(kv_cache_memory_fraction, block_size)
+            self.pool = BlockPool(cfg.n_layers * math.ceil(tokens / block_size), block_size, cfg.n_kv_heads,
+                                  cfg.head_dim, self.dtype, device)
+            llm.attach(self.pool)
+            self.decoder = (GraphDecoder(llm, block_size, limits.max_batch_size, limits.max_seq_len, compiled)
+                            if graphs else Decoder(llm, compiled))
+            with torch.inference_mode():  # as the steps run: the graphs' inputs are inference tensors
+                self.decoder.warm_up()
         self.scheduler = Scheduler(self, self.pool, limits.max_batch_size, max_queued_requests, scheduler)
 
     def _pool_tokens(self, memory_fraction: float | None, block_size: int) -> int:
-        """Token slots per layer: a fraction of the free CUDA memory (TensorRT-LLM's
-        free_gpu_memory_fraction), or by default max_batch_size x max_seq_len, so that every batch
-        slot can hold a whole sequence in every layer, as with no drop."""
-        limits, cfg = self.manifest.limits, self.manifest.llm
-        if memory_fraction is None:
-            return limits.max_batch_size * limits.max_seq_len
-        if self.device.type != "cuda" or not 0 < memory_fraction < 1:
+        """Token slots per layer. On CUDA, planned from the measured peak of the largest work
+        (memory_plan): a fraction (default 0.9) of the memory the weights and that peak leave.
+        On a CPU, max_batch_size x max_seq_len: every batch slot can hold a whole sequence in every
+        layer, as with no drop, and pages never touched cost nothing."""
+        limits = self.manifest.limits
+        if memory_fraction is not None and (self.device.type != "cuda" or not 0 < memory_fraction < 1):
             raise InputError(f"kv_cache_memory_fraction must be in (0, 1) and needs a CUDA device, "
                              f"got {memory_fraction} on {self.device}")
-        free, _ = torch.cuda.mem_get_info(self.device)
-        per_token = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * self.dtype.itemsize
-        return int(free * memory_fraction) // per_token // block_size * block_size
+        if self.device.type != "cuda":
+            return limits.max_batch_size * limits.max_seq_len
+        self.plan = plan_memory(self.llm, self.vision, self.manifest, block_size,
+                                math.ceil(limits.max_seq_len / block_size), self.device,
+                                memory_fraction or DEFAULT_FRACTION)
+        print(f"pdrop: memory plan on {self.device}: {self.plan.describe()}", file=sys.stderr, flush=True)
+        return self.plan.tokens
+
+    def on_device(self):
+        """The engine's CUDA device as the calling thread's current one (streams, graphs and kernel
+        launches go to the current device); nothing on a CPU."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto", dtype: str | None = None,
@@ -165,11 +181,13 @@ class Engine:
         """Load an engine directory; `dtype` (float32, float16, bfloat16) is the precision it runs
         in, by default the engine's own on a GPU and the CPU's fastest (resolve_dtype); `verify`
         checks every file's sha256 against the manifest;
-        `cuda_graphs` replays decode steps from CUDA graphs on a CUDA device; `compiled` runs them
-        through torch.compile (a compile per batch shape at first use, tens of seconds); the KV pool holds
-        `kv_cache_tokens` token slots per layer (default max_batch_size x max_seq_len), or on CUDA
-        `kv_cache_memory_fraction` of the free memory; `scheduler` is "inflight" (requests join and
-        leave between steps) or "static" (the baseline)."""
+        `cuda_graphs` replays decode steps from CUDA graphs on a CUDA device with the engine's
+        kernels, one per batch bucket, all captured here; `compiled` runs them through torch.compile
+        (compiled here too: tens of seconds); the KV pool holds `kv_cache_tokens` token slots per
+        layer, by default on CUDA `kv_cache_memory_fraction` (default 0.9) of the memory left by the
+        weights and the measured peak of the largest work (memory_plan), on a CPU max_batch_size x
+        max_seq_len; `scheduler` is "inflight" (requests join and leave between steps) or "static"
+        (the baseline)."""
         from transformers import AutoProcessor
 
         path = Path(path)
@@ -317,7 +335,7 @@ class Engine:
             left = len(handles)
             while left:
                 while self.scheduler.thread is None and events.empty():
-                    with torch.inference_mode():
+                    with torch.inference_mode(), self.on_device():
                         self.scheduler.step()
                 event = events.get()
                 if isinstance(event, Exception):
@@ -329,6 +347,19 @@ class Engine:
                 h.cancel()
             if self.scheduler.thread is None:
                 self.scheduler.retire_cancelled()  # their blocks go back now, not at the next request
+
+    def device_error(self) -> str | None:
+        """Why the device can run nothing more, or None: after a failure, a sticky CUDA error (an
+        illegal address, a device-side assert) is raised again by any later call, a sync included."""
+        if self.device.type != "cuda":
+            return None
+        try:
+            torch.cuda.synchronize(self.device)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return (f"the CUDA device {self.device} is unusable after an error ({first}); "
+                    "this model refuses new requests: restart the server")
+        return None
 
     def sync(self) -> None:
         """Wait for the device, so that host timings mean something."""

@@ -13,7 +13,7 @@ import torch
 
 from ..format.errors import EngineError
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 CPU_ABI_VERSION = 1
 _p, _i32, _i64, _f32, _size = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_size_t
 
@@ -21,6 +21,7 @@ _p, _i32, _i64, _f32, _size = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, cty
 SIGNATURES = {
     "pdrop_abi_version": (_i32, []),
     "pdrop_status_string": (ctypes.c_char_p, [_i32]),
+    "pdrop_last_error_string": (ctypes.c_char_p, []),
     "pdrop_score_workspace_size": (_size, [_i32, _i32, _i32, _i64]),
     "pdrop_score": (_i32, [_p, _p, _p, _p, _p, _p, _i32, _i32, _i32, _i32, _i32, _i64, _f32, _i32, _p, _p, _p]),
     "pdrop_select": (_i32, [_p, _p, _p, _p, _p, _i32, _p, _p]),
@@ -34,6 +35,7 @@ CPU_SIGNATURES = {
     "pdrop_cpu_linear": (_i32, [_p, _p, _i32, _i64, _i32, _i32, _i32, _p]),
 }
 ABI_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+STATUS_CUDA_ERROR = 2  # PDROP_ERROR_CUDA
 
 
 def _offsets(lengths: list[int], device) -> torch.Tensor:
@@ -154,8 +156,10 @@ class Kernels(_DecodeKernels):
         super().__init__(path, SIGNATURES, "pdrop_abi_version", ABI_VERSION)
 
     def _check(self, status: int, what: str) -> None:
-        if status != 0:
-            raise RuntimeError(f"{what} failed: {self.lib.pdrop_status_string(status).decode()}")
+        if status != 0:  # for a CUDA error, the library recorded which one
+            message = (self.lib.pdrop_last_error_string() if status == STATUS_CUDA_ERROR
+                       else self.lib.pdrop_status_string(status))
+            raise RuntimeError(f"{what} failed: {message.decode()}")
 
     @staticmethod
     def _stream(t: torch.Tensor) -> int:

@@ -115,10 +115,11 @@ class DecodeBatch:
     def of(cls, seqs: list[SequenceKV], n_rows: int, device: torch.device,
            widths: list[int] | None = None) -> "DecodeBatch":
         """The batch of `seqs`, padded to n_rows rows and layer i's table to widths[i] blocks (default:
-        the most that layer holds in any row): deep stages' tables stay as short as their KV."""
-        n_layers = seqs[0].tables.shape[0]
+        the most that layer holds in any row): deep stages' tables stay as short as their KV. With
+        `widths` given, `seqs` may be empty: every row a padding row."""
         widths = widths or widest(seqs)
-        tables = torch.zeros(n_rows, n_layers, max(*widths, *(s.tables.shape[1] for s in seqs)), dtype=torch.long)
+        n_layers = len(widths)
+        tables = torch.zeros(n_rows, n_layers, max([*widths, *(s.tables.shape[1] for s in seqs)]), dtype=torch.long)
         lengths = torch.zeros(n_layers, n_rows, dtype=torch.long)
         offsets = torch.zeros(n_layers, n_rows, dtype=torch.long)
         for row, s in enumerate(seqs):

@@ -73,26 +73,35 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def penalize(logits: torch.Tensor, prompt: list[int], answer: list[int], p: SamplingParams) -> torch.Tensor:
-    """(vocab,) logits with the request's repetition, presence and frequency penalties applied."""
+def penalize(logits: torch.Tensor, in_prompt: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """(vocab,) logits with the request's repetition, presence and frequency penalties applied, over
+    the prompt's tokens (in_prompt: (vocab,) bool) and how often the answer holds each (counts: (vocab,))."""
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt) | set(answer)), dtype=torch.long, device=logits.device)
-        hit = logits[seen]
-        logits = logits.index_copy(0, seen, torch.where(hit > 0, hit / p.repetition_penalty,
-                                                        hit * p.repetition_penalty))
-    if answer and (p.presence_penalty or p.frequency_penalty):
-        ids, counts = torch.tensor(answer, device=logits.device).unique(return_counts=True)
-        logits = logits.index_add(0, ids, -(p.presence_penalty + p.frequency_penalty * counts).to(logits.dtype))
+        r = p.repetition_penalty
+        logits = torch.where(in_prompt | (counts > 0), torch.where(logits > 0, logits / r, logits * r), logits)
+    if p.presence_penalty or p.frequency_penalty:
+        cost = torch.where(counts > 0, p.presence_penalty + p.frequency_penalty * counts, 0)
+        logits = logits - cost.to(logits.dtype)
     return logits
 
 
 class Sampler:
-    """One per request: its parameters, its prompt and EOS ids, its banned token sequences, its own
-    generator."""
+    """One per request: its parameters, its own generator, and what it bans and penalizes, as device
+    tensors made once: a tensor made from host data in every step would be a host-to-device copy (a
+    sync on a GPU) per row per step."""
 
     def __init__(self, params: SamplingParams, device: torch.device, eos: set[int], bad: list[list[int]],
                  prompt: list[int]):
-        self.params, self.eos, self.bad, self.prompt = params, sorted(eos), [b for b in bad if b], prompt
+        self.params, self.prompt = params, prompt
+        self.eos = torch.tensor(sorted(eos), dtype=torch.long, device=device)
+        singles = [b[0] for b in bad if len(b) == 1]
+        self.banned = [torch.tensor(singles, device=device)] if singles else []  # in every step
+        # a longer bad word's last token is banned after its prefix, matched in the host's history
+        self.banned_after = [(b[:-1], torch.tensor(b[-1:], device=device)) for b in bad if len(b) > 1]
+        # made at the first call, which gives the vocabulary's size; then updated in place
+        self.in_prompt: torch.Tensor | None = None  # (vocab,) bool
+        self.counts: torch.Tensor | None = None  # (vocab,) how often the history holds each token
+        self.counted = 0  # history tokens in `counts`
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -102,15 +111,30 @@ class Sampler:
                 self.generator.manual_seed(params.seed)
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
-        """(vocab,) logits and the tokens generated so far -> 0-d next token id tensor."""
-        logits = penalize(logits, self.prompt, history, self.params)
-        banned = [seq[-1] for seq in self.bad if history[len(history) - len(seq) + 1:] == seq[:-1]]
-        if len(history) < self.params.min_tokens:
-            banned += self.eos
+        """(vocab,) logits and the tokens generated so far (a list that only grows, call to call)
+        -> 0-d next token id tensor."""
+        p = self.params
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            logits = penalize(logits, *self._tokens(logits, history), p)
+        banned = self.banned + [last for prefix, last in self.banned_after if history[-len(prefix):] == prefix]
+        if len(history) < p.min_tokens:
+            banned.append(self.eos)
         if banned:
-            logits = logits.index_fill(0, torch.tensor(banned, device=logits.device), -math.inf)
+            logits = logits.index_fill(0, torch.cat(banned), -math.inf)
         if self.generator is None:
             return logits.argmax()
-        p = self.params
         probs = filter_logits(logits.float() / p.temperature, p.top_k, p.top_p).softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator)[0]
+
+    def _tokens(self, logits: torch.Tensor, history: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's token mask and the history's token counts, the new tokens counted in on the
+        device by their host ids (an index is a kernel's argument, not a copy)."""
+        if self.counts is None:
+            vocab, device = logits.shape[0], logits.device
+            prompt = torch.tensor(self.prompt, dtype=torch.long, device=device)
+            self.in_prompt = torch.zeros(vocab, dtype=torch.bool, device=device).index_fill_(0, prompt, True)
+            self.counts = torch.zeros(vocab, dtype=torch.long, device=device)
+        for token in history[self.counted:]:
+            self.counts[token] += 1
+        self.counted = len(history)
+        return self.in_prompt, self.counts

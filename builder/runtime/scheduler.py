@@ -12,9 +12,15 @@ runs, prefill everything admitted, decode until all have finished.
 Requests are submitted from any thread; `step` runs in one thread at a time (the caller's, or the
 scheduler's own after `start`). Events (Delta, or a PdropError for a request that failed) go to the
 callback given at submit.
+
+A failure stays with the request it belongs to: an exception in one request's prefill or sampling
+(out of memory, say) fails that request, one in a decode step the requests of that step. Only when
+the device itself is left unusable (a sticky CUDA error) does every request fail, and the scheduler
+then refuses new ones with that one error, said once in the log, until the server is restarted.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -25,7 +31,7 @@ import torch
 from tokenizers.decoders import DecodeStream
 
 from ..format.config import SCHEDULERS
-from ..format.errors import InputError, PdropError
+from ..format.errors import EngineError, InputError, PdropError
 from . import flops
 from .paged_kv import BlockPool, SequenceKV, blocks_needed, layer_lengths
 from .pyramid import ImageSpan
@@ -142,6 +148,7 @@ class Scheduler:
         self.thread: threading.Thread | None = None
         self.stopping = False
         self.scheduled = self.context = 0  # of the last step, for metrics
+        self.broken: str | None = None  # why the device can run nothing more
 
     # ---- submission (any thread) ----------------------------------------------------------
 
@@ -155,14 +162,17 @@ class Scheduler:
 
     def submit(self, req, on_event: Callable, index: int = 0, t0: float | None = None,
                is_cancelled: Callable[[], bool] | None = None) -> Handle:
-        """Queue a prepared request; InputError at once when it can never fit or the queue is full."""
+        """Queue a prepared request; InputError at once when it can never fit or the queue is full,
+        EngineError when the device is unusable."""
         blocks = self.blocks_for(req)
         if sum(blocks) > self.pool.num_blocks:
             raise InputError(f"request needs {sum(blocks)} KV blocks ({req.prompt_tokens} prompt tokens + "
                              f"{self.budget(req)} new); the pool has {self.pool.num_blocks}")
         now = time.perf_counter()
         handle = Handle(index, on_event, is_cancelled)
-        with self.lock:
+        with self.lock:  # with the lock: the device cannot break between this check and the append
+            if self.broken:
+                raise EngineError(self.broken)
             if len(self.waiting) >= self.max_queued:
                 raise InputError(f"server busy: {len(self.waiting)} requests queued (--max-queued-requests); "
                                  "retry later")
@@ -244,15 +254,29 @@ class Scheduler:
         except PdropError as e:
             self._fail(s, e)
             return
+        except Exception as e:
+            self._failed([s], e)
+            return
         self._emit(s, int(s.token))
 
     def _decode(self, seqs: list[Sequence]) -> None:
         if not seqs:
             return
-        logits = self.engine.decoder.step(torch.stack([s.token for s in seqs]), [s.kv for s in seqs])
-        tokens = [s.gen.sample(logits[i]) for i, s in enumerate(seqs)]
-        for s, token, value in zip(seqs, tokens, torch.stack(tokens).tolist()):
-            s.token = token
+        try:
+            logits = self.engine.decoder.step(torch.stack([s.token for s in seqs]), [s.kv for s in seqs])
+        except Exception as e:
+            self._failed(seqs, e)
+            return
+        sampled = []
+        for i, s in enumerate(seqs):
+            try:
+                s.token = s.gen.sample(logits[i])
+                sampled.append(s)
+            except Exception as e:
+                self._failed([s], e)
+        if self.broken or not sampled:
+            return
+        for s, value in zip(sampled, torch.stack([s.token for s in sampled]).tolist()):
             self._emit(s, value)
 
     def _emit(self, s: Sequence, token: int) -> None:
@@ -269,6 +293,27 @@ class Scheduler:
 
     def _fail(self, s: Sequence, error: PdropError) -> None:
         self._end(s, error)
+
+    def _failed(self, seqs: list[Sequence], error: Exception) -> None:
+        """`seqs`' work raised `error`: they fail, the others go on, unless the device is unusable."""
+        broken = self.engine.device_error()
+        if broken is not None:
+            self._break(broken)
+            return
+        first = (str(error).strip().splitlines() or [""])[0]
+        for s in seqs:
+            if s in self.active:
+                self._fail(s, PdropError(f"generation failed: {type(error).__name__}: {first}"[:500]))
+
+    def _break(self, message: str) -> None:
+        """The device can run nothing more: say so once, fail everything, refuse what comes."""
+        with self.lock:
+            first, self.broken = self.broken is None, message
+            waiting, self.waiting = list(self.waiting), deque()
+        if first:
+            print(f"pdrop: {message}", file=sys.stderr, flush=True)
+        for s in waiting + list(self.active):
+            self._fail(s, EngineError(message))
 
     def _end(self, s: Sequence, event) -> None:
         """The request's last event, sent while it still counts as running; then its blocks go back."""
@@ -319,7 +364,7 @@ class Scheduler:
             self.thread = None
 
     def _loop(self) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), self.engine.on_device():
             while True:
                 with self.lock:
                     while self.idle() and not self.stopping:
@@ -333,5 +378,4 @@ class Scheduler:
                 try:
                     self.step()
                 except Exception as e:  # never let one step take the server down: fail what was running
-                    for s in list(self.active):
-                        self._fail(s, PdropError(f"generation failed: {e}"))
+                    self._failed(list(self.active), e)

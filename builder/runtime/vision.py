@@ -22,11 +22,22 @@ def max_tiles(spec: dict) -> int:
     return 1 + max((h // tile) * (w // tile) for h, w in spec["image_grid_pinpoints"])
 
 
-def largest_image_tokens(spec: dict) -> int:
-    """Image tokens of the largest anyres image (an image exactly the size of a grid pinpoint)."""
+def _grid_tokens(spec: dict, pinpoint: tuple[int, int]) -> int:
+    """Image tokens of the anyres grid of an image exactly the size of `pinpoint`, newlines included."""
     tile = spec["vision_config"]["image_size"]
     side = tile // spec["vision_config"]["patch_size"]
-    return max(side * side + (h // tile * side) * (w // tile * side + 1) for h, w in spec["image_grid_pinpoints"])
+    return (pinpoint[0] // tile * side) * (pinpoint[1] // tile * side + 1)
+
+
+def largest_pinpoint(spec: dict) -> tuple[int, int]:
+    """The grid pinpoint (height, width) of the largest anyres image: the one with the most image tokens."""
+    return tuple(max(spec["image_grid_pinpoints"], key=lambda p: _grid_tokens(spec, p)))
+
+
+def largest_image_tokens(spec: dict) -> int:
+    """Image tokens of the largest anyres image: the base tile's, then its grid's."""
+    side = spec["vision_config"]["image_size"] // spec["vision_config"]["patch_size"]
+    return side * side + _grid_tokens(spec, largest_pinpoint(spec))
 
 
 def merge(embeds: torch.Tensor, start: int, feats: torch.Tensor) -> torch.Tensor:

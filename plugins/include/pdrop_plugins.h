@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define PDROP_ABI_VERSION 2
+#define PDROP_ABI_VERSION 3
 
 typedef enum { PDROP_FLOAT32 = 0, PDROP_FLOAT16 = 1, PDROP_BFLOAT16 = 2 } pdrop_dtype_t;
 
@@ -29,6 +29,10 @@ typedef enum {
 
 int pdrop_abi_version(void);
 const char* pdrop_status_string(int status);
+
+/* After a PDROP_ERROR_CUDA, which error it was: "CUDA error <cudaGetErrorName>: <cudaGetErrorString>",
+ * for the last such status returned on the calling thread (valid until that thread's next one). */
+const char* pdrop_last_error_string(void);
 
 /* Bytes of device workspace pdrop_score needs. */
 size_t pdrop_score_workspace_size(int batch, int num_heads, int max_seq_len, int64_t total_image_tokens);

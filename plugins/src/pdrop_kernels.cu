@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cfloat>
+#include <cstdio>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -284,7 +285,16 @@ int decode_chunks(int64_t table_stride, int block_size) {
   return static_cast<int>((table_stride * block_size + kDecodeChunk - 1) / kDecodeChunk);
 }
 
-int launched() { return cudaGetLastError() == cudaSuccess ? PDROP_SUCCESS : PDROP_ERROR_CUDA; }
+// Which CUDA error the last PDROP_ERROR_CUDA of this thread was: the status alone cannot say, and a
+// thread-local keeps concurrent callers' messages apart.
+thread_local char last_error[256] = "no CUDA error";
+
+int launched() {
+  const cudaError_t error = cudaGetLastError();
+  if (error == cudaSuccess) return PDROP_SUCCESS;
+  snprintf(last_error, sizeof(last_error), "CUDA error %s: %s", cudaGetErrorName(error), cudaGetErrorString(error));
+  return PDROP_ERROR_CUDA;
+}
 
 }  // namespace
 
@@ -300,6 +310,8 @@ const char* pdrop_status_string(int status) {
     default: return "unknown status";
   }
 }
+
+const char* pdrop_last_error_string(void) { return last_error; }
 
 size_t pdrop_score_workspace_size(int batch, int num_heads, int max_seq_len, int64_t total_image_tokens) {
   if (batch <= 0 || num_heads <= 0 || max_seq_len <= 0 || total_image_tokens < 0) return 0;

@@ -18,7 +18,8 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from builder import Engine, EngineError, InputError, PdropError, check_budget, parse_request, response_tensors
+from builder import (Engine, EngineError, InputError, PdropError, check_budget, instance_device, parse_request,
+                     response_tensors)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 TTFT_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0]
@@ -158,7 +159,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
-        self.engine = Engine.load(params["engine_dir"], device=params.get("device", "auto"),
+        device = instance_device(params.get("device", "auto"), args["model_instance_kind"],
+                                 args["model_instance_device_id"])
+        self.engine = Engine.load(params["engine_dir"], device=device,
                                   kv_cache_tokens=int(params.get("kv_cache_tokens") or 0) or None,
                                   kv_cache_memory_fraction=float(params.get("kv_cache_memory_fraction") or 0) or None,
                                   scheduler=params.get("scheduler", "inflight"),

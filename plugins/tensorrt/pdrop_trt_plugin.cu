@@ -10,6 +10,8 @@
 // The image span is a build-time field, so output shapes stay static (a fixed prompt layout and
 // image resolution per engine, as TensorRT multimodal deployments use). Built only where the
 // TensorRT headers are found; registered through getCreators() for IPluginRegistry::loadLibrary.
+// enqueue reads no host memory (the small index arrays are written by a kernel from its arguments),
+// so it never blocks the host and can be captured in a CUDA graph.
 #include "NvInferRuntime.h"
 #include "pdrop_plugins.h"
 
@@ -21,7 +23,25 @@
 
 using namespace nvinfer1;
 
+// A named namespace for the kernel: nvcc's launch stub names its namespace, and an unnamed one is
+// ambiguous here (NvInferRuntime.h opens one inside nvinfer1, which the using-directive brings in).
+namespace pdrop_trt {
+
+// The one sequence's offsets and image span, where the kernels read them: on the device.
+struct SmallArrays {
+  int64_t i64[8];  // seq offsets, image offsets, keep offsets, dst offsets (two each)
+  int32_t i32[4];  // image start, image length, keep, padding
+};
+
+// `values` travels as a kernel argument, copied at launch (and into a captured graph) like any
+// other: unlike a cudaMemcpyAsync from the host stack, nothing reads host memory after enqueue.
+__global__ void write_small_arrays(SmallArrays values, SmallArrays* out) { *out = values; }
+
+}  // namespace pdrop_trt
+
 namespace {
+
+using pdrop_trt::SmallArrays;
 
 constexpr char const* kName = "PdropRankCompact";
 constexpr char const* kVersion = "1";
@@ -51,7 +71,7 @@ struct Layout {
     score_ws = align(pdrop_score_workspace_size(1, p.num_heads, static_cast<int>(max_len), p.image_len));
     scores = align(sizeof(float) * (p.image_len + 1));
     kept = align(sizeof(int32_t) * (p.keep + 1));
-    small = align(sizeof(int64_t) * 8 + sizeof(int32_t) * 4);
+    small = align(sizeof(SmallArrays));
     total = score_ws + scores + kept + small;
   }
 };
@@ -114,22 +134,21 @@ class PdropPlugin : public IPluginV3, public IPluginV3OneCore, public IPluginV3O
     char* ws = static_cast<char*>(workspace);
     auto* scores = reinterpret_cast<float*>(ws + lay.score_ws);
     auto* kept = reinterpret_cast<int32_t*>(ws + lay.score_ws + lay.scores);
-    auto* i64 = reinterpret_cast<int64_t*>(ws + lay.score_ws + lay.scores + lay.kept);
-    auto* i32 = reinterpret_cast<int32_t*>(i64 + 8);
-    // seq offsets, image offsets, keep offsets, dst offsets (two each), then start, len, keep
-    int64_t const host64[8] = {0, len, 0, mP.image_len, 0, mP.keep, 0, len - mP.image_len + mP.keep};
-    int32_t const host32[4] = {mP.image_start, mP.image_len, mP.keep, 0};
-    if (cudaMemcpyAsync(i64, host64, sizeof(host64), cudaMemcpyHostToDevice, stream) != cudaSuccess ||
-        cudaMemcpyAsync(i32, host32, sizeof(host32), cudaMemcpyHostToDevice, stream) != cudaSuccess)
-      return PDROP_ERROR_CUDA;
+    auto* small = reinterpret_cast<SmallArrays*>(ws + lay.score_ws + lay.scores + lay.kept);
+    int64_t const out_len = len - mP.image_len + mP.keep;
+    SmallArrays const values{{0, len, 0, mP.image_len, 0, mP.keep, 0, out_len},
+                             {mP.image_start, mP.image_len, mP.keep, 0}};
+    pdrop_trt::write_small_arrays<<<1, 1, 0, stream>>>(values, small);
+    if (cudaGetLastError() != cudaSuccess) return PDROP_ERROR_CUDA;
+    int64_t const* i64 = small->i64;  // device addresses, never read here
+    int32_t const* i32 = small->i32;
     int status = pdrop_score(in[1], in[2], i64, i32, i32 + 1, i64 + 2, 1, mP.num_heads, mP.num_kv_heads, mP.head_dim,
                              static_cast<int>(len), mP.image_len, 1.0f / std::sqrt(static_cast<float>(mP.head_dim)),
                              dtype_of(inDesc[0].type), scores, ws, stream);
     if (status == PDROP_SUCCESS) status = pdrop_select(scores, i64 + 2, i32 + 1, i32 + 2, i64 + 4, 1, kept, stream);
     if (status == PDROP_SUCCESS) {
       int64_t const row_bytes = dim * (inDesc[0].type == DataType::kFLOAT ? 4 : 2);
-      status = pdrop_compact(in[0], i64, i32, i32 + 1, kept, i64 + 4, i64 + 6, 1, host64[7], row_bytes, out[0],
-                             stream);
+      status = pdrop_compact(in[0], i64, i32, i32 + 1, kept, i64 + 4, i64 + 6, 1, out_len, row_bytes, out[0], stream);
     }
     return status;
   }
