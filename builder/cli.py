@@ -145,7 +145,8 @@ def cmd_package(args) -> int:
                          kv_cache_tokens=args.kv_cache_tokens, max_queued_requests=args.max_queued_requests,
                          kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                          decoupled=args.decoupled == "true",
-                         gpus=_indices(args.gpus, "--gpus", "GPU", "0,1,2,3") if args.gpus is not None else None)
+                         gpus=_indices(args.gpus, "--gpus", "GPU", "0,1,2,3") if args.gpus is not None else None,
+                         prefix_cache_tokens=args.prefix_cache_tokens)
     print(f"model repository written to {args.output} (model '{model.name}')")
     print(f"serve it:  python -m builder serve --repo {args.output}")
     print(f"or, in NVIDIA's Triton container (with pdrop installed):  tritonserver --model-repository={args.output}")
@@ -264,6 +265,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="on CUDA without --kv-cache-tokens: the KV pool takes this fraction of the GPU memory "
                         "left by the weights and the measured peak of the largest prefill and decode step "
                         "(TensorRT-LLM's free_gpu_memory_fraction); 0: the default, 0.9")
+    k.add_argument("--prefix-cache-tokens", type=int,
+                   help="token slots per layer for prefixes shared across requests (an image and the text "
+                        "before it: its vision features and first-stage KV); default a quarter of the pool's, "
+                        "0 turns the cache off")
     k.add_argument("--max-queued-requests", type=int, default=64,
                    help="waiting requests beyond this get 'server busy, retry later'")
     k.add_argument("--decoupled", default="true", choices=["true", "false"],

@@ -122,4 +122,4 @@ def test_cuda_inflight_batching_equals_one_at_a_time(kernel_engine_dir, images):
     for i, (prompt, image, n, drop) in enumerate(cases):
         [got] = [e.result for e in events[i] if e.result is not None]
         assert got.token_ids == engine.generate([prompt], [image], max_new_tokens=n, drop_ratio=drop)[0].token_ids
-    assert engine.pool.n_free == engine.pool.num_blocks
+    assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks

@@ -88,7 +88,7 @@ def test_random_arrivals_and_cancels_equal_one_at_a_time(fresh, images, seed):
             continue
         assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
         assert [s.kept for s in got.stages] == [s.kept for s in want.stages]
-    assert engine.pool.n_free == engine.pool.num_blocks  # every block came back
+    assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks  # every block came back
 
 
 def test_a_request_holds_the_blocks_its_stage_lengths_predict(fresh, images):
@@ -107,10 +107,10 @@ def test_a_request_holds_the_blocks_its_stage_lengths_predict(fresh, images):
         kept = [int(n_image * (1 - drop) ** s) for s in stage]
         expected = [math.ceil((text + k + 7) / bs) for k in kept]
         assert seq.kv.n_blocks == expected
-        held[drop] = engine.pool.num_blocks - engine.pool.n_free
+        held[drop] = engine.stats()["kv_blocks_used"]
         assert held[drop] == sum(expected)
         run_until_idle(engine)
-        assert engine.pool.n_free == engine.pool.num_blocks
+        assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks
     assert held[0.5] < held[0.0]  # the deeper stages hold only the survivors
 
 
@@ -146,7 +146,7 @@ def test_queue_limit_oversize_and_a_good_request_afterwards(fresh, images):
     assert sorted(events) == [0, 1]
     params = SamplingParams(max_new_tokens=4)
     [r] = engine.generate(["USER: hi ASSISTANT:"], [None], params=[params])
-    assert len(r.token_ids) == 4 and engine.pool.n_free == engine.pool.num_blocks
+    assert len(r.token_ids) == 4 and engine.stats()["kv_blocks_free"] == engine.pool.num_blocks
 
 
 def test_never_written_pool_memory_cannot_leak_into_answers(fresh, engine, images):
@@ -222,7 +222,7 @@ def test_its_own_thread_serves_submissions_from_other_threads(fresh, images):
         engine.scheduler.stop()
     for case, got in zip(cases, results):
         assert got.token_ids == solo(engine, *case).token_ids
-    assert engine.pool.n_free == engine.pool.num_blocks
+    assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks
 
 
 @pytest.mark.parametrize("shape,pool_gib", [("llava-next-vicuna-7b", 100), ("llava-next-small", 4)])
@@ -247,10 +247,10 @@ def test_a_request_that_raises_fails_alone_and_the_others_answer_exactly(fresh, 
     reqs = [engine.prepare(PROMPT, images[i], params, 0.5) for i in range(3)]
     embed = engine.embed
 
-    def embed_or_run_out(req):
+    def embed_or_run_out(req, features=None):
         if req is reqs[1]:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nSee the docs")
-        return embed(req)
+        return embed(req, features)
 
     engine.embed = embed_or_run_out
     events = {}
@@ -261,7 +261,7 @@ def test_a_request_that_raises_fails_alone_and_the_others_answer_exactly(fresh, 
     assert str(error) == "generation failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
     for i in (0, 2):
         assert final(events[i]).token_ids == solo(engine, PROMPT, images[i], params, 0.5).token_ids
-    assert engine.pool.n_free == engine.pool.num_blocks
+    assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks
 
     step, failed = engine.decoder.step, []
 
@@ -281,7 +281,7 @@ def test_a_request_that_raises_fails_alone_and_the_others_answer_exactly(fresh, 
     submit(engine, PROMPT, images[2], params, 0.5, events, 0)
     run_until_idle(engine)
     assert final(events[0]).token_ids == solo(engine, PROMPT, images[2], params, 0.5).token_ids
-    assert engine.pool.n_free == engine.pool.num_blocks
+    assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks
 
 
 def test_an_unusable_device_fails_everything_once_and_refuses_new_requests(fresh, images, capsys):
@@ -291,7 +291,7 @@ def test_an_unusable_device_fails_everything_once_and_refuses_new_requests(fresh
     message = "the CUDA device cuda:0 is unusable after an error (an illegal memory access); restart the server"
     engine.device_error = lambda: message
 
-    def illegal(req):
+    def illegal(req, features=None):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     engine.embed = illegal
@@ -304,4 +304,4 @@ def test_an_unusable_device_fails_everything_once_and_refuses_new_requests(fresh
     with pytest.raises(EngineError, match="unusable after an error"):
         submit(engine, PROMPT, images[0], params, 0.5, events, 3)
     assert capsys.readouterr().err.splitlines() == [f"pdrop: {message}"]
-    assert engine.pool.n_free == engine.pool.num_blocks
+    assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks

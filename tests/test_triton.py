@@ -117,6 +117,14 @@ def test_served_greedy_answer_equals_offline(server, client, engine, images, str
     assert last["arrival_time_ns"].item() <= last["first_token_time_ns"].item() <= last["last_token_time_ns"].item()
 
 
+def test_prompt_table_extra_id_names_the_image_for_the_prefix_cache(server, client, engine, images):
+    """TensorRT-LLM's key for reuse: requests that send one share the image's prefix by it, exactly."""
+    for question in ("What is in the picture?", "Describe it in detail."):
+        text = f"USER: <image>\n{question} ASSISTANT:"
+        answer = infer(client, "pdrop", request_inputs(text, 8, images[2], prompt_table_extra_id=42))
+        assert answer.error is None and answer.ids == offline(engine, text, images[2], max_new_tokens=8).token_ids
+
+
 def test_per_request_drop_ratio_and_sampling(server, client, engine, images):
     kw = dict(temperature=0.8, top_k=20, seed=3)
     answer = infer(client, "pdrop", request_inputs(PROMPT, 6, images[1], drop_ratio=0.0, **kw))
@@ -324,8 +332,9 @@ def scrape(server) -> dict[tuple[str, tuple], float]:
 
 
 def test_metrics_under_tensorrtllm_backend_names_while_requests_run(server, images):
-    """Scraped while 4 streams run and after: tensorrtllm_backend's request and KV-block gauges, and
-    pdrop's image tokens per boundary and time to the first token."""
+    """Scraped while 4 streams run and after: tensorrtllm_backend's request and KV-block gauges (the
+    prefix cache's unused blocks count as free), and pdrop's image tokens per boundary, time to the
+    first token and prefix cache."""
     before = scrape(server)
     ttft_count = ("pdrop_time_to_first_token_seconds_count", ())
     running = []
@@ -343,6 +352,7 @@ def test_metrics_under_tensorrtllm_backend_names_while_requests_run(server, imag
         time.sleep(0.3)
     for t in threads:
         t.join()
+    worker(0)  # a second question about an image: a prefix-cache hit
     time.sleep(1.2)  # a refresh (0.5 s) and tritonserver's metrics interval (0.5 s) later
     after = scrape(server)
 
@@ -358,7 +368,11 @@ def test_metrics_under_tensorrtllm_backend_names_while_requests_run(server, imag
     blocks = {t: gauge(after, "nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", t)
               for t in ("used", "free", "max", "tokens_per", "fraction")}
     assert blocks["used"] == 0 and blocks["free"] == blocks["max"] > 0 and blocks["tokens_per"] == 16
-    assert after[ttft_count] - before.get(ttft_count, 0) == 4
+    assert after[ttft_count] - before.get(ttft_count, 0) == 5
+    lookups = {r: after["pdrop_prefix_cache_requests_total", (("result", r),)]
+               - before.get(("pdrop_prefix_cache_requests_total", (("result", r),)), 0) for r in ("hit", "miss")}
+    assert lookups["hit"] >= 1 and sum(lookups.values()) == 5, lookups
+    assert after["pdrop_prefix_cache_blocks", ()] > 0 and 0 < after["pdrop_prefix_cache_hit_ratio", ()] < 1
     assert after[("pdrop_time_to_first_token_seconds_sum", ())] > 0
     for layer in ("2", "4", "6"):  # the demo engine's boundaries; drop 0.5 keeps half at each
         new = {state: after[name, labels] - before.get((name, labels), 0)

@@ -32,6 +32,7 @@ from .model import Transformer
 from .kernel_linear import use_kernel_linears
 from .memory_plan import DEFAULT_FRACTION, plan_memory
 from .paged_kv import BlockPool
+from .prefix_cache import PrefixCache, image_key
 from .rope import Rope
 from .sampling import SamplingParams
 from .scheduler import Delta, Result, Scheduler
@@ -50,6 +51,7 @@ class Request:
     pixel_values: torch.Tensor | None = None  # (patches, 3, tile, tile)
     image_start: int = 0
     n_image: int = 0
+    image_key: str | None = None  # names the image for the prefix cache (prefix_cache.image_key)
 
     @property
     def prompt_tokens(self) -> int:
@@ -128,7 +130,8 @@ class Engine:
     def __init__(self, path: Path, manifest, llm: Transformer, vision: VisionEncoder, processor, device,
                  cuda_graphs: bool = True, kv_cache_tokens: int | None = None, block_size: int = 16,
                  scheduler: str = "inflight", max_queued_requests: int = 64,
-                 kv_cache_memory_fraction: float | None = None, compiled: bool = False):
+                 kv_cache_memory_fraction: float | None = None, compiled: bool = False,
+                 prefix_cache_tokens: int | None = None):
         self.path, self.manifest, self.llm, self.vision = path, manifest, llm, vision
         self.processor, self.tokenizer, self.device = processor, processor.tokenizer, device
         # no token stands for more prompt bytes than its vocabulary string takes (spaces and raw
@@ -149,7 +152,20 @@ class Engine:
                             if graphs else Decoder(llm, compiled))
             with torch.inference_mode():  # as the steps run: the graphs' inputs are inference tensors
                 self.decoder.warm_up()
-        self.scheduler = Scheduler(self, self.pool, limits.max_batch_size, max_queued_requests, scheduler)
+        self.prefix_cache = self._prefix_cache(prefix_cache_tokens, tokens, block_size)
+        self.scheduler = Scheduler(self, self.pool, limits.max_batch_size, max_queued_requests, scheduler,
+                                   self.prefix_cache)
+
+    def _prefix_cache(self, tokens: int | None, pool_tokens: int, block_size: int) -> PrefixCache | None:
+        """At most `tokens` token slots in every layer (default a quarter of the pool's) for shared
+        prefixes; 0: none."""
+        if tokens is not None and tokens < 0:
+            raise InputError(f"prefix_cache_tokens must be >= 0 (0 turns the cache off), got {tokens}")
+        tokens = pool_tokens // 4 if tokens is None else tokens
+        if not tokens:
+            return None
+        n_layers = self.manifest.llm.n_layers
+        return PrefixCache(self.pool, n_layers, math.ceil(tokens / block_size) * n_layers)
 
     def _pool_tokens(self, memory_fraction: float | None, block_size: int) -> int:
         """Token slots per layer. On CUDA, planned from the measured peak of the largest work
@@ -177,7 +193,8 @@ class Engine:
     def load(cls, path: str | Path, device: str | torch.device = "auto", dtype: str | None = None,
              verify: bool = True, cuda_graphs: bool = True, kv_cache_tokens: int | None = None,
              scheduler: str = "inflight", max_queued_requests: int = 64,
-             kv_cache_memory_fraction: float | None = None, compiled: bool = False) -> "Engine":
+             kv_cache_memory_fraction: float | None = None, compiled: bool = False,
+             prefix_cache_tokens: int | None = None) -> "Engine":
         """Load an engine directory; `dtype` (float32, float16, bfloat16) is the precision it runs
         in, by default the engine's own on a GPU and the CPU's fastest (resolve_dtype); `verify`
         checks every file's sha256 against the manifest;
@@ -187,7 +204,9 @@ class Engine:
         layer, by default on CUDA `kv_cache_memory_fraction` (default 0.9) of the memory left by the
         weights and the measured peak of the largest work (memory_plan), on a CPU max_batch_size x
         max_seq_len; `scheduler` is "inflight" (requests join and leave between steps) or "static"
-        (the baseline)."""
+        (the baseline); the prefix cache (prefix_cache: several questions about one image share its
+        vision features and first-stage KV) holds up to `prefix_cache_tokens` token slots in every
+        layer (default a quarter of the pool's; 0 turns it off)."""
         from transformers import AutoProcessor
 
         path = Path(path)
@@ -213,7 +232,8 @@ class Engine:
             raise EngineError(f"cannot load the processor of engine {path}: {e}") from None
         return cls(path, manifest, llm, vision, processor, device, cuda_graphs, kv_cache_tokens,
                    scheduler=scheduler, max_queued_requests=max_queued_requests,
-                   kv_cache_memory_fraction=kv_cache_memory_fraction, compiled=compiled)
+                   kv_cache_memory_fraction=kv_cache_memory_fraction, compiled=compiled,
+                   prefix_cache_tokens=prefix_cache_tokens)
 
     # ---- serving: requests come and go while the scheduler steps in its own thread ---------
 
@@ -232,7 +252,8 @@ class Engine:
         return self.scheduler.submit(req, on_event, index, t0, is_cancelled)
 
     def stats(self) -> dict[str, int]:
-        """queued, running, kv_blocks_used / _free; of the last step: scheduled, context."""
+        """queued, running, kv_blocks_used / _free; of the last step: scheduled, context; the prefix
+        cache's blocks, hits and misses."""
         return self.scheduler.stats()
 
     # ---- requests -------------------------------------------------------------------------
@@ -252,8 +273,10 @@ class Engine:
         return PyramidSchedule.create(self.manifest.llm.n_layers, drop_ratio, base.layers)
 
     def prepare(self, prompt: str, image, params: SamplingParams, drop_ratio: float | None = None,
-                schedule: PyramidSchedule | None = None) -> Request:
-        """Tokenize and check one request; `schedule` (e.g. a baseline) replaces the engine's."""
+                schedule: PyramidSchedule | None = None, image_id: int | None = None) -> Request:
+        """Tokenize and check one request; `schedule` (e.g. a baseline) replaces the engine's;
+        `image_id` names the image for the prefix cache (TensorRT-LLM's prompt_table_extra_id),
+        else a hash of its pixels does."""
         params.validate()
         vocab = self.manifest.llm.vocab_size
         if params.end_id is not None and not -1 <= params.end_id < vocab:  # a negative index would wrap
@@ -280,22 +303,31 @@ class Engine:
             ids = enc.input_ids[0]
             where = (ids == self.manifest.image_token_id).nonzero()[:, 0]
             req = Request(ids, params, schedule, image, enc.pixel_values[0], int(where[0]), where.numel())
+            if self.prefix_cache is not None:
+                req.image_key = (f"id:{image_id}" if image_id is not None
+                                 else image_key(req.pixel_values, (image.height, image.width)))
         if req.input_ids.numel() > limit:
             raise InputError(f"prompt is {req.input_ids.numel()} tokens ({req.n_image} of them image tokens); "
                              f"this engine's max_input_len is {limit}")
         return req
 
-    def embed(self, req: Request) -> tuple[torch.Tensor, dict]:
-        """The prompt's embeddings (1, L, dim), image features spliced in, and the image-token layout."""
-        ids = req.input_ids.to(self.device)
-        embeds = self.llm.tok_embeddings(ids)[None]  # (1, L, dim)
-        if req.image is None:
-            return embeds, {}
+    def image_features(self, req: Request) -> tuple[torch.Tensor, dict]:
+        """The request's image through the vision tower: (n_image, dim) features and their layout."""
         size = (req.image.height, req.image.width)
         feats, layout = self.vision(req.pixel_values.to(self.device, self.dtype), size)
         if feats.shape[0] != req.n_image:
             raise InputError(f"the processor made {req.n_image} image tokens but the vision tower "
                              f"{feats.shape[0]}: processor and model configs disagree")
+        return feats, layout
+
+    def embed(self, req: Request, features: tuple | None = None) -> tuple[torch.Tensor, dict]:
+        """The prompt's embeddings (1, L, dim), image features spliced in, and the image-token layout;
+        `features` (image_features' answer, from the prefix cache) spares the vision tower."""
+        ids = req.input_ids.to(self.device)
+        embeds = self.llm.tok_embeddings(ids)[None]  # (1, L, dim)
+        if req.image is None:
+            return embeds, {}
+        feats, layout = features or self.image_features(req)
         return merge(embeds, req.image_start, feats[None]), layout
 
     # ---- generation -----------------------------------------------------------------------

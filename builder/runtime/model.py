@@ -97,9 +97,14 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = PagedLayerKV(pool, i, self.decode_kernels)
 
     def start_prefill(self, embeds: torch.Tensor, seq: SequenceKV, span: pyramid.ImageSpan | None,
-                      schedule: PyramidSchedule) -> Prefill:
-        return Prefill(embeds, span, torch.arange(embeds.shape[1], device=embeds.device), embeds.shape[1],
-                       schedule, seq, stage_ends(schedule, self.cfg.n_layers))
+                      schedule: PyramidSchedule, cached: int = 0, cached_hidden: torch.Tensor | None = None
+                      ) -> Prefill:
+        """A prefill of the prompt whose tokens from `cached` on are `embeds`: the first `cached`
+        are a prefix-cache hit, in seq's first blocks up to a depth, and their hidden states at the
+        first boundary are `cached_hidden` (None when the blocks span every layer)."""
+        n = cached + embeds.shape[1]
+        return Prefill(embeds, span, torch.arange(cached, n, device=embeds.device), n, schedule, seq,
+                       stage_ends(schedule, self.cfg.n_layers), cached_hidden=cached_hidden)
 
     def prefill_stage(self, p: Prefill) -> None:
         """Run `p` through the layers of its next stage, dropping image tokens at the boundary that
@@ -118,7 +123,10 @@ class Transformer(nn.Module):
                     stats = pyramid.StageStats(i, p.span.n_alive, p.span.n_alive, p.span.original.tolist())
                 p.stages.append(stats)
             h = layer(h, self.rope(pos, h.dtype), p.seq)
-            p.seq.offsets[i] = p.n_prompt - h.shape[1] if schedule.positions == "original" else 0
+            p.seq.offsets[i] = p.n_prompt - p.seq.lengths[i] if schedule.positions == "original" else 0
+        if p.cached_hidden is not None:  # a prefix-cache hit joins the prefix at the first boundary
+            h, pos = torch.cat((p.cached_hidden, h), dim=1), torch.arange(p.n_prompt, device=h.device)
+            p.cached_hidden = None
         p.h, p.pos, p.layer = h, pos, end
 
     def prefill(self, embeds: torch.Tensor, seq: SequenceKV, span: pyramid.ImageSpan | None,
@@ -157,6 +165,7 @@ class Prefill:
     ends: list[int]  # the layer each stage still to run ends before
     layer: int = 0  # the next layer to run
     stages: list[pyramid.StageStats] = field(default_factory=list)
+    cached_hidden: torch.Tensor | None = None  # a prefix-cache hit's, joined after the first stage
 
     @property
     def done(self) -> bool:

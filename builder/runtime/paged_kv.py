@@ -88,19 +88,37 @@ class SequenceKV:
     n_blocks: list[int]  # blocks of each layer
     lengths: list[int]  # tokens written per layer
     offsets: list[int]  # per layer: added to the length to give a decode token's RoPE position
+    shared: list[int]  # per layer: its first blocks, read-only, belong to the prefix cache
 
     @classmethod
-    def of(cls, ids: list[int], n_blocks: list[int]) -> "SequenceKV":
-        """Blocks `ids` dealt out to the layers, n_blocks[i] to layer i."""
+    def of(cls, ids: list[int], n_blocks: list[int], prefix: list[list[int]] | None = None,
+           prefix_tokens: int = 0) -> "SequenceKV":
+        """Blocks `ids` dealt out to the layers, n_blocks[i] to layer i; with a cached `prefix`
+        (prefix_cache), layer i's table starts with prefix[i], which holds prefix_tokens tokens."""
+        prefix = prefix or []
+        shared = [len(prefix[i]) if i < len(prefix) else 0 for i in range(len(n_blocks))]
         tables = torch.zeros(len(n_blocks), max(n_blocks), dtype=torch.long)
         at = 0
         for layer, n in enumerate(n_blocks):
-            tables[layer, :n] = torch.tensor(ids[at:at + n])
-            at += n
-        return cls(tables, list(n_blocks), [0] * len(n_blocks), [0] * len(n_blocks))
+            own = n - shared[layer]
+            tables[layer, :n] = torch.tensor((prefix[layer] if shared[layer] else []) + ids[at:at + own])
+            at += own
+        lengths = [prefix_tokens if s else 0 for s in shared]
+        return cls(tables, list(n_blocks), lengths, [0] * len(n_blocks), shared)
+
+    def adopt(self, prefix: list[list[int]], prefix_tokens: int) -> list[int]:
+        """Read a cached prefix from prefix[i]'s blocks in layer i, in place of its own first blocks
+        there (not written yet); returns those, for the pool."""
+        freed = []
+        for layer, blocks in enumerate(prefix):
+            freed += self.tables[layer, :len(blocks)].tolist()
+            self.tables[layer, :len(blocks)] = torch.tensor(blocks)
+            self.shared[layer], self.lengths[layer] = len(blocks), prefix_tokens
+        return freed
 
     def block_ids(self) -> list[int]:
-        return [i for layer, n in enumerate(self.n_blocks) for i in self.tables[layer, :n].tolist()]
+        """The blocks this sequence owns: what goes back to the pool when it ends."""
+        return [i for layer, n in enumerate(self.n_blocks) for i in self.tables[layer, self.shared[layer]:n].tolist()]
 
 
 @dataclass
@@ -142,12 +160,20 @@ class PagedLayerKV:
         self.batch: DecodeBatch | None = None  # set for each decode step by the decoder
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceKV | None) -> torch.Tensor:
-        """Prefill of `seq` (q, k, v: (1, heads, L, hd)): k, v written to its blocks, attention causal.
+        """Prefill of `seq` (q, k, v: (1, heads, L, hd)): k, v written to its blocks after what the
+        layer already holds (a cached prefix, whole blocks), attention causal over both.
         Decode (seq None; (B, heads, 1, hd)): k, v written at each row's length, each row attending
         to its own blocks up to and including the new token."""
         if seq is not None:
+            held = seq.lengths[self.index]
             self.fill(seq, k, v)
-            return sdpa(q, k, v, causal=True)
+            if not held:
+                return sdpa(q, k, v, causal=True)
+            table = seq.tables[self.index, :held // self.pool.block_size].to(k.device)
+            k, v = (torch.cat((t[table].view(1, held, *t.shape[2:]).transpose(1, 2), new), dim=2)
+                    for t, new in ((self.pool.k, k), (self.pool.v, v)))
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(held)
+            return sdpa(q, k, v, mask=mask)
         pool, bs = self.pool, self.pool.block_size
         table, length = self.batch.tables[self.index], self.batch.lengths[self.index]  # (B, W_layer), (B,)
         rows = torch.arange(table.shape[0], device=table.device)
@@ -169,13 +195,14 @@ class PagedLayerKV:
         return decode_sdpa(q, k, v, mask)
 
     def fill(self, seq: SequenceKV, k: torch.Tensor, v: torch.Tensor) -> None:
-        length, bs = k.shape[2], self.pool.block_size
+        """Write k, v after the tokens the layer holds (none, or a cached prefix of whole blocks)."""
+        length, bs, held = k.shape[2], self.pool.block_size, seq.lengths[self.index]
         n = math.ceil(length / bs)
-        table = seq.tables[self.index, :n].to(k.device)
+        table = seq.tables[self.index, held // bs:held // bs + n].to(k.device)
         for src, dst in ((k, self.pool.k), (v, self.pool.v)):
             tokens = torch.nn.functional.pad(src[0].transpose(0, 1), (0, 0, 0, 0, 0, n * bs - length))
             dst[table] = tokens.view(n, bs, *tokens.shape[1:])  # (n*bs, n_kv, hd) tokens as n blocks
-        seq.lengths[self.index] = length
+        seq.lengths[self.index] = held + length
 
     def positions(self) -> torch.Tensor:
         """(B, 1) RoPE position of each row's next token in this layer."""

@@ -34,6 +34,7 @@ from ..format.config import SCHEDULERS
 from ..format.errors import EngineError, InputError, PdropError
 from . import flops
 from .paged_kv import BlockPool, SequenceKV, blocks_needed, layer_lengths
+from .prefix_cache import Entry, Key, PrefixCache
 from .pyramid import ImageSpan
 from .sampling import Sampler, SamplingParams
 from .stop_words import StopWords
@@ -134,13 +135,17 @@ class Sequence:
     layout: dict = field(default_factory=dict)
     vision_s: float = 0.0
     ttft: float = 0.0
+    key: Key | None = None  # its prefix-cache key, when it has a prefix to share
+    entry: Entry | None = None  # the prefix-cache entry whose blocks it reads
+    features: tuple | None = None  # its image's features, while it may still become an entry
 
 
 class Scheduler:
-    def __init__(self, engine, pool: BlockPool, max_batch: int, max_queued: int = 64, policy: str = "inflight"):
+    def __init__(self, engine, pool: BlockPool, max_batch: int, max_queued: int = 64, policy: str = "inflight",
+                 cache: PrefixCache | None = None):
         if policy not in SCHEDULERS:
             raise InputError(f"unknown scheduler '{policy}': choose {', '.join(SCHEDULERS)}")
-        self.engine, self.pool, self.policy = engine, pool, policy
+        self.engine, self.pool, self.policy, self.cache = engine, pool, policy, cache
         self.max_batch, self.max_queued = max_batch, max_queued
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []  # admitted: prefilling or decoding, in admission order
@@ -177,17 +182,24 @@ class Scheduler:
                 raise InputError(f"server busy: {len(self.waiting)} requests queued (--max-queued-requests); "
                                  "retry later")
             t0 = now if t0 is None else t0
-            self.waiting.append(Sequence(handle, req, blocks, t0, now - t0))
+            key = self.cache.key(req, req.image_key) if self.cache else None
+            self.waiting.append(Sequence(handle, req, blocks, t0, now - t0, key=key))
             self.lock.notify()
         return handle
 
     def stats(self) -> dict[str, int]:
-        """queued, running (admitted), kv_blocks_used / _free; and of the last step, the sequences it
-        advanced (scheduled) and those of them that were prefilling (context): 0 once idle."""
-        busy = not self.idle()
+        """queued, running (admitted), kv_blocks_used / _free (the prefix cache's unused blocks are
+        free: any admission may evict them); of the last step, the sequences it advanced (scheduled)
+        and those of them that were prefilling (context): 0 once idle; the prefix cache's blocks, hits
+        and misses."""
+        busy, cache = not self.idle(), self.cache
+        free = self.pool.n_free + (cache.n_evictable if cache else 0)
         return {"queued": len(self.waiting), "running": len(self.active),
-                "kv_blocks_used": self.pool.num_blocks - self.pool.n_free, "kv_blocks_free": self.pool.n_free,
-                "scheduled": self.scheduled * busy, "context": self.context * busy}
+                "kv_blocks_used": self.pool.num_blocks - free, "kv_blocks_free": free,
+                "scheduled": self.scheduled * busy, "context": self.context * busy,
+                "prefix_cache_blocks": cache.n_blocks if cache else 0,
+                "prefix_cache_hits": cache.stats.hits if cache else 0,
+                "prefix_cache_misses": cache.stats.misses if cache else 0}
 
     # ---- the step loop --------------------------------------------------------------------
 
@@ -215,15 +227,29 @@ class Scheduler:
             self._finish(s, "cancelled")
 
     def admit(self) -> int:
-        """Admit waiting requests, oldest first, while a batch slot and their blocks are free; how many."""
+        """Admit waiting requests, oldest first, while a batch slot and their blocks are free (unused
+        prefix-cache entries are evicted for them); how many."""
         admitted = 0
         with self.lock:
             if self.policy == "static" and self.active:
                 return 0
-            while (self.waiting and len(self.active) < self.max_batch
-                   and sum(self.waiting[0].blocks) <= self.pool.n_free):
-                s = self.waiting.popleft()
-                s.kv = SequenceKV.of(self.pool.allocate(sum(s.blocks)), s.blocks)
+            while self.waiting and len(self.active) < self.max_batch:
+                s = self.waiting[0]
+                entry = self.cache.get(s.key) if s.key else None
+                need = sum(s.blocks) - (entry.n_blocks if entry else 0)
+                if entry:
+                    entry.users += 1  # not evicted to make room for its own user
+                fits = need <= self.pool.n_free or (self.cache and self.cache.evict(need - self.pool.n_free))
+                if entry:
+                    entry.users -= 1
+                if not fits:
+                    break
+                self.waiting.popleft()
+                if entry:
+                    self.cache.use(entry)
+                s.entry = entry
+                s.kv = SequenceKV.of(self.pool.allocate(need), s.blocks, entry and entry.blocks,
+                                     entry.tokens if entry else 0)
                 self.active.append(s)
                 admitted += 1
         return admitted
@@ -232,14 +258,11 @@ class Scheduler:
         engine, req = self.engine, s.req
         try:
             if s.prefill is None:
-                tv = time.perf_counter()
-                embeds, s.layout = engine.embed(req)
-                engine.sync()
-                s.vision_s = time.perf_counter() - tv
-                span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
-                s.prefill = engine.llm.start_prefill(embeds, s.kv, span, req.schedule)
+                self._start_prefill(s)
             while True:
                 engine.llm.prefill_stage(s.prefill)
+                if s.features is not None and s.prefill.layer == s.key.depth:
+                    self._offer(s)
                 if s.prefill.done or not whole:
                     break
             if not s.prefill.done:
@@ -258,6 +281,42 @@ class Scheduler:
             self._failed([s], e)
             return
         self._emit(s, int(s.token))
+
+    def _start_prefill(self, s: Sequence) -> None:
+        """Embed the prompt and start its prefill: after the cached prefix on a prefix-cache hit. An
+        entry made since the request was admitted (by the request of the same image prefilled before
+        it) still counts: its blocks replace the request's own."""
+        engine, req = self.engine, s.req
+        if s.key and not s.entry:
+            s.entry = self.cache.get(s.key)
+            if s.entry:
+                self.pool.release(s.kv.adopt(s.entry.blocks, s.entry.tokens))
+                self.cache.use(s.entry)
+            else:
+                self.cache.missed()
+        entry = s.entry
+        tv = time.perf_counter()
+        features = entry.features if entry else self.cache.features(s.key.image) if s.key else None
+        if s.key and not entry:
+            features = s.features = features or engine.image_features(req)  # for the entry it may become
+        embeds, s.layout = engine.embed(req, features)
+        engine.sync()
+        s.vision_s = time.perf_counter() - tv
+        span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
+        if entry:
+            s.prefill = engine.llm.start_prefill(embeds[:, entry.tokens:], s.kv, span, req.schedule, entry.tokens,
+                                                 entry.hidden)
+        else:
+            s.prefill = engine.llm.start_prefill(embeds, s.kv, span, req.schedule)
+
+    def _offer(self, s: Sequence) -> None:
+        """A prefill that reached its key's depth: its prefix becomes a prefix-cache entry (its hidden
+        states at the first boundary with it, unless the entry spans every layer)."""
+        tokens = self.cache.shareable(len(s.key.prefix))
+        deep = s.key.depth == len(s.kv.n_blocks)
+        hidden = None if deep else s.prefill.h[:, :tokens].clone()
+        s.entry = self.cache.insert(s.key, s.kv, s.features, hidden)
+        s.features = None
 
     def _decode(self, seqs: list[Sequence]) -> None:
         if not seqs:
@@ -321,6 +380,8 @@ class Scheduler:
         if s in self.active:
             self.active.remove(s)
             self.pool.release(s.kv.block_ids())
+            if s.entry:
+                self.cache.release(s.entry)
         s.handle.done.set()
 
     def _notify(self, s: Sequence, event) -> None:

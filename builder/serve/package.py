@@ -34,13 +34,15 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
                  max_batch_size: int | None = None, copy_engine: bool = False, device: str = "auto",
                  max_queue_delay_us: int = 2000, force: bool = False, scheduler: str = "inflight",
                  kv_cache_tokens: int = 0, max_queued_requests: int = 64, kv_cache_memory_fraction: float = 0.0,
-                 decoupled: bool = True, gpus: list[int] | None = None) -> Path:
+                 decoupled: bool = True, gpus: list[int] | None = None,
+                 prefix_cache_tokens: int | None = None) -> Path:
     """Write a model repository serving `engine`; returns the model's directory. `scheduler`,
     `kv_cache_tokens` (0: the engine's default pool), `kv_cache_memory_fraction` (CUDA; 0: the
     default, 0.9) and `max_queued_requests` configure the engine's in-flight batching (Engine.load).
     `decoupled` False serves unary clients (ModelInfer): one response per request, no streaming.
     `gpus`: `instances` instances on each of these GPUs (KIND_GPU), each loading the engine on its
-    own GPU (instance_device)."""
+    own GPU (instance_device). `prefix_cache_tokens`: the prefix cache's token slots per layer (None:
+    the engine's default; 0: off)."""
     engine, output = Path(engine).resolve(), Path(output).resolve()
     manifest = read_manifest(engine, verify=True)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name):
@@ -56,6 +58,8 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
     if kv_cache_tokens < 0 or max_queued_requests < 1 or not 0 <= kv_cache_memory_fraction < 1:
         raise ConfigError("--kv-cache-tokens must be >= 0, --kv-cache-memory-fraction in [0, 1) and "
                           "--max-queued-requests positive")
+    if prefix_cache_tokens is not None and prefix_cache_tokens < 0:
+        raise ConfigError(f"--prefix-cache-tokens must be >= 0 (0 turns the cache off), got {prefix_cache_tokens}")
     if gpus is not None and (not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0):
         raise ConfigError(f"--gpus must list distinct GPU indices, e.g. 0,1,2,3; got {gpus}")
     if gpus and device not in ("auto", "cuda"):
@@ -71,7 +75,8 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
         drop_layers=",".join(map(str, manifest.pyramid.layers)), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
         max_queued_requests=max_queued_requests, kv_cache_memory_fraction=kv_cache_memory_fraction,
         decoupled=str(decoupled).lower(), instance_kind="KIND_GPU" if gpus else "KIND_CPU",
-        gpus=f" gpus: [ {', '.join(map(str, gpus))} ]" if gpus else "")
+        gpus=f" gpus: [ {', '.join(map(str, gpus))} ]" if gpus else "",
+        prefix_cache_tokens="" if prefix_cache_tokens is None else prefix_cache_tokens)
     validate_config(text)
     with staging_dir(output, force) as tmp:
         version = tmp / model_name / "1"

@@ -20,8 +20,8 @@ from ..runtime.sampling import SamplingParams
 
 Getter = Callable[[str], "np.ndarray | None"]
 
-# Accepted without effect: pad_id (outputs are never padded), prompt_table_extra_id (a key for KV
-# reuse, which pdrop does not do), length_penalty (it scores beams, and there is one). Refused when
+# Accepted without effect: pad_id (outputs are never padded), length_penalty (it scores beams, and
+# there is one). prompt_table_extra_id names the image for the prefix cache, as in TensorRT-LLM. Refused when
 # sent with anything but their neutral value:
 UNSUPPORTED = {
     "image_input": "preprocessed image_input is not supported: send the image as image_bytes_input or image_url_input",
@@ -43,6 +43,7 @@ class Job:
     drop_ratio: float | None
     stream: bool
     exclude_input: bool
+    image_id: int | None = None  # prompt_table_extra_id: the client's name for the image
 
 
 def _scalar(get: Getter, name: str, kind: type, default=None):
@@ -131,7 +132,7 @@ def parse_request(get: Getter) -> Job:
     params.validate()
     drop = _scalar(get, "drop_ratio", float)
     return Job(prompts[0], _image(get), params, drop, _scalar(get, "stream", bool, False),
-               _scalar(get, "exclude_input_in_output", bool, True))
+               _scalar(get, "exclude_input_in_output", bool, True), _scalar(get, "prompt_table_extra_id", int))
 
 
 def response_tensors(text: str, ids: list[int], output_tokens: int, prompt_tokens: int, image_tokens: int,

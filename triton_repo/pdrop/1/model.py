@@ -37,14 +37,21 @@ class _Metrics:
             pb_utils.MetricFamily("pdrop_image_tokens_total",
                                   "image tokens into and kept at each pyramid boundary layer", counter),
             pb_utils.MetricFamily("pdrop_time_to_first_token_seconds", "time to the first token, arrival to response",
-                                  pb_utils.MetricFamily.HISTOGRAM)]
-        requests, blocks, self.image_tokens, ttft = self.families
+                                  pb_utils.MetricFamily.HISTOGRAM),
+            pb_utils.MetricFamily("pdrop_prefix_cache_blocks", "KV blocks the prefix cache holds", gauge),
+            pb_utils.MetricFamily("pdrop_prefix_cache_requests_total", "requests with a prefix to share, by whether "
+                                  "the prefix cache had it", counter),
+            pb_utils.MetricFamily("pdrop_prefix_cache_hit_ratio", "hits / requests with a prefix to share", gauge)]
+        requests, blocks, self.image_tokens, ttft, cached, lookups, ratio = self.families
         self.requests = {t: requests.Metric(labels={**self.labels, "request_type": t})
                          for t in ("active", "scheduled", "waiting", "max", "context")}
         self.blocks = {t: blocks.Metric(labels={**self.labels, "kv_cache_block_type": t})
                        for t in ("used", "free", "max", "tokens_per", "fraction")}
         self.per_layer = {}
         self.ttft = ttft.Metric(labels=self.labels, buckets=TTFT_BUCKETS)
+        self.cached, self.hit_ratio = cached.Metric(labels=self.labels), ratio.Metric(labels=self.labels)
+        self.lookups = {r: lookups.Metric(labels={**self.labels, "result": r}) for r in ("hit", "miss")}
+        self.counted = {"hit": 0, "miss": 0}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._refresh_every, args=(0.5,), name="pdrop-metrics", daemon=True)
@@ -61,6 +68,13 @@ class _Metrics:
         for name, value in {"used": used, "free": stats["kv_blocks_free"], "max": total,
                             "tokens_per": engine.pool.block_size, "fraction": used / total}.items():
             self.blocks[name].set(value)
+        self.cached.set(stats["prefix_cache_blocks"])
+        for result, key in (("hit", "prefix_cache_hits"), ("miss", "prefix_cache_misses")):
+            now = stats[key]  # a counter only grows: add what came since the last refresh
+            self.lookups[result].increment(now - self.counted[result])
+            self.counted[result] = now
+        lookups = sum(self.counted.values())
+        self.hit_ratio.set(self.counted["hit"] / lookups if lookups else 0.0)
 
     def finished(self, result, ttft_s):
         """A request's last result: its boundaries' image tokens and its time to the first token."""
@@ -165,7 +179,9 @@ class TritonPythonModel:
                                   kv_cache_tokens=int(params.get("kv_cache_tokens") or 0) or None,
                                   kv_cache_memory_fraction=float(params.get("kv_cache_memory_fraction") or 0) or None,
                                   scheduler=params.get("scheduler", "inflight"),
-                                  max_queued_requests=int(params.get("max_queued_requests") or 64))
+                                  max_queued_requests=int(params.get("max_queued_requests") or 64),
+                                  prefix_cache_tokens=int(params["prefix_cache_tokens"])
+                                  if params.get("prefix_cache_tokens", "") != "" else None)
         self.max_seq_len = self.engine.manifest.limits.max_seq_len
         built = self.engine.manifest.pyramid.drop_ratio
         declared = params.get("drop_ratio")
@@ -186,7 +202,7 @@ class TritonPythonModel:
                 job = parse_request(lambda name: _input(request, name))
                 if job.stream and not self.decoupled:
                     raise InputError("stream=true needs the decoupled model: package it with --decoupled true")
-                prepared = self.engine.prepare(job.prompt, job.image, job.params, job.drop_ratio)
+                prepared = self.engine.prepare(job.prompt, job.image, job.params, job.drop_ratio, image_id=job.image_id)
                 check_budget(prepared.prompt_tokens, job.params.max_new_tokens, self.max_seq_len)
                 live = _Live(self.engine, out, job, prepared, arrival, self.metrics)
                 self.engine.submit(prepared, live.on_event, is_cancelled=out.is_cancelled)
