@@ -97,15 +97,11 @@ def mix(url: str, users: int, size: str, max_tokens: int, seed: int) -> dict:
 def engine_dir(args, tmp: Path) -> Path:
     if args.engine:
         return args.engine
-    from builder.convert.build import build_engine
-    from builder.convert.presets import preset_checkpoint
-    from builder.format.config import Limits, PyramidSchedule
+    from bench_engine import build
 
-    ckpt, path = preset_checkpoint(args.shape), tmp / "engine"
-    cfg = ckpt.llm
-    limits = Limits(max(8, args.users), cfg.max_position_embeddings - 512, cfg.max_position_embeddings)
-    build_engine(ckpt, path, PyramidSchedule.create(cfg.n_layers, 0.5), limits, "auto", progress=False)
-    return path
+    from builder.convert.presets import preset_checkpoint
+
+    return build(preset_checkpoint(args.shape), max(8, args.users), "auto", tmp / "engine")
 
 
 def main() -> int:

@@ -45,3 +45,17 @@ def test_bench_grpc_against_a_running_server_reads_its_drop_ratio(engine_dir, tm
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert sorted(r["drop_ratio"] for r in rows) == [0.0, 0.5] and all(r["errors"] == 0 for r in rows)
+
+
+def test_bench_prefix_cache_serves_cache_off_and_on_and_prints_their_ratios(engine_dir, tmp_path):
+    script = SCRIPT.parent / "bench_prefix_cache.py"
+    out = subprocess.run([sys.executable, str(script), "--engine", str(engine_dir), "--turns", "2", "--users", "2",
+                          "--image-size", "112x112", "--max-tokens", "2", "--json", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "p.json").read_text())
+    for name in ("off", "on"):
+        assert all(len(t) == 2 and min(t) > 0 for t in results[name]["turns"].values())
+        assert results[name]["mix"]["requests"] == 4 and results[name]["mix"]["output_tokens_per_s"] > 0
+    mix = [line for line in out.stdout.splitlines() if line.startswith("| on |")]
+    assert len(mix) == 1 and float(mix[0].split("|")[-2]) > 0  # the ratio to cache off, measured in this run

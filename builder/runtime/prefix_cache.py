@@ -14,6 +14,8 @@ prefix's token ids and the depth the entry covers. Only whole blocks are shared:
 down to a multiple of the block size, and the tail is recomputed by each request. The blocks come
 from the KV pool and are shared read-only (a request writes only past them); an entry is reference
 counted by the requests running on it and evicted, least recently used first, only when none is.
+Its features and hidden states stay in host memory (on a GPU, outside the memory the plan divides)
+and are copied to the device for each hit.
 """
 from __future__ import annotations
 
@@ -45,8 +47,9 @@ class Entry:
     key: Key
     tokens: int  # the shared prefix: whole blocks of it
     blocks: list[list[int]]  # per layer below key.depth, the prefix's blocks
-    features: tuple  # (image features, layout): what Engine.image_features gives
-    hidden: torch.Tensor | None  # (1, tokens, dim) at the first boundary; None when the entry spans every layer
+    features: tuple  # (image features, layout) as Engine.image_features gives them, in host memory
+    hidden: torch.Tensor | None  # (1, tokens, dim) at the first boundary, in host memory; None when the
+    # entry spans every layer
     users: int = 0  # running requests reading its blocks
 
     @property

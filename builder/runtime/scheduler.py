@@ -294,9 +294,10 @@ class Scheduler:
                 self.cache.use(s.entry)
             else:
                 self.cache.missed()
-        entry = s.entry
+        entry, device = s.entry, engine.device
         tv = time.perf_counter()
-        features = entry.features if entry else self.cache.features(s.key.image) if s.key else None
+        cached = entry.features if entry else self.cache.features(s.key.image) if s.key else None
+        features = (cached[0].to(device), cached[1]) if cached else None  # entries keep them in host memory
         if s.key and not entry:
             features = s.features = features or engine.image_features(req)  # for the entry it may become
         embeds, s.layout = engine.embed(req, features)
@@ -304,8 +305,9 @@ class Scheduler:
         s.vision_s = time.perf_counter() - tv
         span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
         if entry:
+            hidden = None if entry.hidden is None else entry.hidden.to(device)
             s.prefill = engine.llm.start_prefill(embeds[:, entry.tokens:], s.kv, span, req.schedule, entry.tokens,
-                                                 entry.hidden)
+                                                 hidden)
         else:
             s.prefill = engine.llm.start_prefill(embeds, s.kv, span, req.schedule)
 
@@ -314,8 +316,8 @@ class Scheduler:
         states at the first boundary with it, unless the entry spans every layer)."""
         tokens = self.cache.shareable(len(s.key.prefix))
         deep = s.key.depth == len(s.kv.n_blocks)
-        hidden = None if deep else s.prefill.h[:, :tokens].clone()
-        s.entry = self.cache.insert(s.key, s.kv, s.features, hidden)
+        hidden = None if deep else s.prefill.h[:, :tokens].to("cpu", copy=True)
+        s.entry = self.cache.insert(s.key, s.kv, (s.features[0].cpu(), s.features[1]), hidden)
         s.features = None
 
     def _decode(self, seqs: list[Sequence]) -> None:
