@@ -53,19 +53,28 @@ def header_prototypes(header: Path) -> dict[str, tuple[object, list[object]]]:
     return protos
 
 
+def allocate(engine, req) -> SequenceKV:
+    """Blocks of the engine's pool for one prepared request, room for its max_new_tokens included."""
+    n_blocks = engine.scheduler.blocks_for(req)
+    return SequenceKV.of(engine.pool.allocate(sum(n_blocks)), n_blocks)
+
+
+def prefill_into(engine, req, seq: SequenceKV) -> tuple:
+    """The engine's prefill of one prepared request into `seq`'s blocks: its embeddings (1, L, dim),
+    final hidden states and stage stats."""
+    with torch.inference_mode():
+        embeds, _ = engine.embed(req)
+        span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
+        return (embeds, *engine.llm.prefill(embeds, seq, span, req.schedule))
+
+
 @contextmanager
 def prefilled(engine, req):
-    """The engine's prefill of one prepared request into blocks of its pool (room for the request's
-    max_new_tokens): yields its embeddings (1, L, dim), final hidden states, stage stats and KV
-    bookkeeping (for engine.decoder.step); the blocks go back after."""
-    n_blocks = engine.scheduler.blocks_for(req)
-    seq = SequenceKV.of(engine.pool.allocate(sum(n_blocks)), n_blocks)
+    """prefill_into newly allocated blocks: yields the embeddings, final hidden states, stage stats
+    and KV bookkeeping (for engine.decoder.step); the blocks go back after."""
+    seq = allocate(engine, req)
     try:
-        with torch.inference_mode():
-            embeds, _ = engine.embed(req)
-            span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
-            h, stages = engine.llm.prefill(embeds, seq, span, req.schedule)
-        yield embeds, h, stages, seq
+        yield (*prefill_into(engine, req, seq), seq)
     finally:
         engine.pool.release(seq.block_ids())
 
@@ -96,9 +105,9 @@ def hf_dir(demo_ckpt, tmp_path_factory):
     return write_hf_checkpoint(demo_ckpt, tmp_path_factory.mktemp("hf") / "demo-hf")
 
 
-def _build(ckpt, path, drop, exports=(), dtype="auto", cpu_kernels="auto"):
+def _build(ckpt, path, drop, exports=(), dtype="auto", cpu_kernels="auto", plugins="off", cuda_archs=None):
     build_engine(ckpt, path, PyramidSchedule.create(8, drop, DEMO_LAYERS), Limits(8, 1536, 2048), dtype,
-                 progress=False, exports=exports, cpu_kernels=cpu_kernels)
+                 progress=False, exports=exports, cpu_kernels=cpu_kernels, plugins=plugins, cuda_archs=cuda_archs)
     return path
 
 

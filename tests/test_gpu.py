@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CUDA_ARCH, CUDA_KERNELS_MISSING, DEMO_LAYERS, make_image, prefill
+from conftest import CUDA_ARCH, CUDA_KERNELS_MISSING, DEMO_LAYERS, _build, make_image, prefill
 from reference import Reference
 
-from builder.convert.build import build_engine
-from builder.format.config import Limits, PyramidSchedule
 from builder.runtime.decode import batch_buckets
 from builder.runtime.engine import Engine
 from builder.runtime.sampling import SamplingParams
@@ -59,10 +57,7 @@ def kernel_engine_dir(demo_ckpt, tmp_path_factory):
     """The demo engine with its CUDA kernels: what CUDA-graph decode needs."""
     if CUDA_KERNELS_MISSING:
         pytest.skip(CUDA_KERNELS_MISSING)
-    path = tmp_path_factory.mktemp("kernels") / "demo"
-    build_engine(demo_ckpt, path, PyramidSchedule.create(8, 0.5, DEMO_LAYERS), Limits(8, 1536, 2048),
-                 progress=False, plugins="on", cuda_archs=[CUDA_ARCH])
-    return path
+    return _build(demo_ckpt, tmp_path_factory.mktemp("kernels") / "demo", 0.5, plugins="on", cuda_archs=[CUDA_ARCH])
 
 
 @pytest.mark.parametrize("drop", [0.0, 0.5])

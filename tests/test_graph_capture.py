@@ -8,14 +8,13 @@ import functools
 
 import pytest
 import torch
-from conftest import _build
+from conftest import _build, allocate, prefill_into
 from recorder import Recorder
 
 from builder.runtime.decode import Decoder, padded
 from builder.runtime.engine import Engine
 from builder.runtime.kernels import CpuKernels
 from builder.runtime.paged_kv import SequenceKV
-from builder.runtime.pyramid import ImageSpan
 from builder.runtime.sampling import SamplingParams
 
 ROWS = 4  # three sequences and a padding row
@@ -49,12 +48,9 @@ def live():
 
 def admit(engine: Engine, req, live: list) -> SequenceKV:
     """`req` prefilled into newly allocated blocks."""
-    n_blocks = engine.scheduler.blocks_for(req)
-    seq = SequenceKV.of(engine.pool.allocate(sum(n_blocks)), n_blocks)
+    seq = allocate(engine, req)
     live.append((engine, seq))
-    embeds, _ = engine.embed(req)
-    span = ImageSpan.full(req.image_start, req.n_image, engine.device) if req.n_image else None
-    engine.llm.prefill(embeds, seq, span, req.schedule)
+    prefill_into(engine, req, seq)
     return seq
 
 

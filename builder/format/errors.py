@@ -23,3 +23,9 @@ class InputError(PdropError):
 
 class ExportError(PdropError):
     """A TensorRT deployment artifact that cannot be made: missing packages, a failed check, no backend."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message up to its first line break ("" if it has none): torch's and CUDA's
+    messages go on for lines, and a failed request gets one."""
+    return (str(error).strip().splitlines() or [""])[0]

@@ -104,9 +104,10 @@ class GraphDecoder(Decoder):
     shared memory pool (graphs never run at once, and each step's logits are consumed before the
     next) on one capture stream."""
 
-    def __init__(self, llm: Transformer, block_size: int, max_batch: int, max_seq_len: int, compiled: bool = False):
+    def __init__(self, llm: Transformer, table_width: int, max_batch: int, compiled: bool = False):
+        """Every layer's table `table_width` blocks wide: as many as max_seq_len tokens take."""
         super().__init__(llm, compiled)
-        self.widths = [math.ceil(max_seq_len / block_size)] * len(llm.layers)
+        self.widths = [table_width] * len(llm.layers)
         self.buckets = batch_buckets(max_batch)
         self.stream = torch.cuda.Stream()
         self.memory = torch.cuda.graph_pool_handle()

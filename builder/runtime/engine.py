@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..format.config import DTYPES, PyramidSchedule
-from ..format.errors import EngineError, InputError
+from ..format.errors import EngineError, InputError, first_line
 from ..format.manifest import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
 from .decode import Decoder, GraphDecoder
 from .images import load_image
@@ -142,14 +142,15 @@ class Engine:
         if block_size < 1 or (kv_cache_tokens is not None and kv_cache_tokens < 1):
             raise InputError(f"kv_cache_tokens and block_size must be positive, got {kv_cache_tokens} and {block_size}")
         graphs = cuda_graphs and device.type == "cuda" and llm.decode_kernels is not None
+        width = math.ceil(limits.max_seq_len / block_size)  # the CUDA graphs' block tables, in every layer
         with self.on_device():
             self.plan = None
-            tokens = kv_cache_tokens or self._pool_tokens(kv_cache_memory_fraction, block_size)
+            tokens = kv_cache_tokens or self._pool_tokens(kv_cache_memory_fraction, block_size, width)
             self.pool = BlockPool(cfg.n_layers * math.ceil(tokens / block_size), block_size, cfg.n_kv_heads,
                                   cfg.head_dim, self.dtype, device)
             llm.attach(self.pool)
-            self.decoder = (GraphDecoder(llm, block_size, limits.max_batch_size, limits.max_seq_len, compiled)
-                            if graphs else Decoder(llm, compiled))
+            self.decoder = (GraphDecoder(llm, width, limits.max_batch_size, compiled) if graphs
+                            else Decoder(llm, compiled))
             with torch.inference_mode():  # as the steps run: the graphs' inputs are inference tensors
                 self.decoder.warm_up()
         self.prefix_cache = self._prefix_cache(prefix_cache_tokens, tokens, block_size)
@@ -167,7 +168,7 @@ class Engine:
         n_layers = self.manifest.llm.n_layers
         return PrefixCache(self.pool, n_layers, math.ceil(tokens / block_size) * n_layers)
 
-    def _pool_tokens(self, memory_fraction: float | None, block_size: int) -> int:
+    def _pool_tokens(self, memory_fraction: float | None, block_size: int, table_width: int) -> int:
         """Token slots per layer. On CUDA, planned from the measured peak of the largest work
         (memory_plan): a fraction (default 0.9) of the memory the weights and that peak leave.
         On a CPU, max_batch_size x max_seq_len: every batch slot can hold a whole sequence in every
@@ -178,8 +179,7 @@ class Engine:
                              f"got {memory_fraction} on {self.device}")
         if self.device.type != "cuda":
             return limits.max_batch_size * limits.max_seq_len
-        self.plan = plan_memory(self.llm, self.vision, self.manifest, block_size,
-                                math.ceil(limits.max_seq_len / block_size), self.device,
+        self.plan = plan_memory(self.llm, self.vision, self.manifest, block_size, table_width, self.device,
                                 memory_fraction or DEFAULT_FRACTION)
         print(f"pdrop: memory plan on {self.device}: {self.plan.describe()}", file=sys.stderr, flush=True)
         return self.plan.tokens
@@ -388,8 +388,7 @@ class Engine:
         try:
             torch.cuda.synchronize(self.device)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            return (f"the CUDA device {self.device} is unusable after an error ({first}); "
+            return (f"the CUDA device {self.device} is unusable after an error ({first_line(e) or type(e).__name__}); "
                     "this model refuses new requests: restart the server")
         return None
 

@@ -116,18 +116,23 @@ class PrefixCache:
         """An image's features from any entry of it (another prefix, another depth)."""
         return next((e.features for e in self.entries.values() if e.key.image == image), None)
 
-    def insert(self, key: Key, seq: SequenceKV, features: tuple, hidden: torch.Tensor | None) -> Entry | None:
-        """Make `seq`'s prefix blocks an entry (they move from the sequence to the cache, which the
-        sequence then uses as any hit does); None when the key is taken or the budget cannot hold it."""
+    def insert(self, key: Key, seq: SequenceKV, features: tuple, hidden: torch.Tensor) -> Entry | None:
+        """Make the prefix blocks of `seq`, prefilled up to key.depth, an entry (they move from the
+        sequence to the cache, which the sequence then uses as any hit does), with its image's
+        `features` and, unless the entry spans every layer, the prefix's rows of its hidden states
+        `hidden` (1, L, dim) there; None when the key is taken or the budget cannot hold it."""
         if key in self.entries:
             return None
-        per_layer = self.shareable(len(key.prefix)) // self.pool.block_size
+        tokens = self.shareable(len(key.prefix))
+        per_layer = tokens // self.pool.block_size
         size = per_layer * key.depth
         if size > self.budget or not self.evict(self.n_blocks + size - self.budget):
             return None
         blocks = [seq.tables[i, :per_layer].tolist() for i in range(key.depth)]
         seq.shared = [per_layer if i < key.depth else 0 for i in range(self.n_layers)]
-        entry = self.entries[key] = Entry(key, per_layer * self.pool.block_size, blocks, features, hidden, users=1)
+        at_boundary = None if key.depth == self.n_layers else hidden[:, :tokens].to("cpu", copy=True)
+        entry = Entry(key, tokens, blocks, (features[0].cpu(), features[1]), at_boundary, users=1)
+        self.entries[key] = entry
         return entry
 
     def evict(self, blocks: int) -> bool:

@@ -31,7 +31,7 @@ import torch
 from tokenizers.decoders import DecodeStream
 
 from ..format.config import SCHEDULERS
-from ..format.errors import EngineError, InputError, PdropError
+from ..format.errors import EngineError, InputError, PdropError, first_line
 from . import flops
 from .paged_kv import BlockPool, SequenceKV, blocks_needed, layer_lengths
 from .prefix_cache import Entry, Key, PrefixCache
@@ -312,12 +312,8 @@ class Scheduler:
             s.prefill = engine.llm.start_prefill(embeds, s.kv, span, req.schedule)
 
     def _offer(self, s: Sequence) -> None:
-        """A prefill that reached its key's depth: its prefix becomes a prefix-cache entry (its hidden
-        states at the first boundary with it, unless the entry spans every layer)."""
-        tokens = self.cache.shareable(len(s.key.prefix))
-        deep = s.key.depth == len(s.kv.n_blocks)
-        hidden = None if deep else s.prefill.h[:, :tokens].to("cpu", copy=True)
-        s.entry = self.cache.insert(s.key, s.kv, (s.features[0].cpu(), s.features[1]), hidden)
+        """A prefill that reached its key's depth: its prefix becomes a prefix-cache entry."""
+        s.entry = self.cache.insert(s.key, s.kv, s.features, s.prefill.h)
         s.features = None
 
     def _decode(self, seqs: list[Sequence]) -> None:
@@ -361,10 +357,9 @@ class Scheduler:
         if broken is not None:
             self._break(broken)
             return
-        first = (str(error).strip().splitlines() or [""])[0]
         for s in seqs:
             if s in self.active:
-                self._fail(s, PdropError(f"generation failed: {type(error).__name__}: {first}"[:500]))
+                self._fail(s, PdropError(f"generation failed: {type(error).__name__}: {first_line(error)}"[:500]))
 
     def _break(self, message: str) -> None:
         """The device can run nothing more: say so once, fail everything, refuse what comes."""
