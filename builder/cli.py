@@ -15,6 +15,10 @@ from .format.config import EXPORTS, Limits
 from .format.errors import ConfigError, PdropError
 
 
+DTYPE_HELP = ("precision to run in: auto (default: what the build chose, see build --dtype) | float32 | float16 | "
+              "bfloat16")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {message} (see --help)\n")
@@ -126,13 +130,14 @@ def cmd_run(args) -> int:
 
         draw_keep_map(image, result.layout, result.image_tokens, result.stages, args.keep_map)
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "dtype": engine.precision}))
     else:
         t = result.timings
         print()
         print(f"[{result.prompt_tokens} prompt tokens ({result.image_tokens} image), {len(result.token_ids)} generated; "
               f"TTFT {t['ttft_s'] * 1e3:.1f} ms (vision {t['vision_s'] * 1e3:.1f}, prefill {t['prefill_s'] * 1e3:.1f}), "
-              f"decode {t['decode_tokens_per_s']:.1f} tok/s; prefill FLOPs x{result.flops['full']['ratio']:.3f}]",
+              f"decode {t['decode_tokens_per_s']:.1f} tok/s; prefill FLOPs x{result.flops['full']['ratio']:.3f}; "
+              f"{engine.precision} on {engine.device}]",
               file=sys.stderr)
     return 0
 
@@ -146,7 +151,7 @@ def cmd_package(args) -> int:
                          kv_cache_memory_fraction=args.kv_cache_memory_fraction,
                          decoupled=args.decoupled == "true",
                          gpus=_indices(args.gpus, "--gpus", "GPU", "0,1,2,3") if args.gpus is not None else None,
-                         prefix_cache_tokens=args.prefix_cache_tokens)
+                         prefix_cache_tokens=args.prefix_cache_tokens, dtype=args.dtype)
     print(f"model repository written to {args.output} (model '{model.name}')")
     print(f"serve it:  python -m builder serve --repo {args.output}")
     print(f"or, in NVIDIA's Triton container (with pdrop installed):  tritonserver --model-repository={args.output}")
@@ -193,7 +198,10 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--drop-ratio", type=float, default=0.5,
                    help="fraction of the image tokens dropped at each stage boundary, in [0, 1) (default 0.5)")
     b.add_argument("--layers", help="stage boundaries, e.g. 8,16,24 (default: the quarters of the LLM depth)")
-    b.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default auto)")
+    b.add_argument("--dtype", default="auto",
+                   help="auto | float32 | float16 | bfloat16 (default auto: stores the checkpoint's dtype; the runtime "
+                        "runs it on a GPU, and on a CPU bfloat16 where it has native bf16, else float32); a dtype "
+                        "named here runs on every device")
     b.add_argument("--max-batch-size", type=int, default=8)
     b.add_argument("--max-input-len", type=int, help="longest prompt, image tokens included")
     b.add_argument("--max-seq-len", type=int, help="prompt + output (default: the model's max positions)")
@@ -233,9 +241,7 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    r.add_argument("--dtype", default="auto",
-                   help="precision to run in: auto (the engine's on a GPU; on a CPU bfloat16 where it has "
-                        "native bf16, else float32) | float32 | float16 | bfloat16")
+    r.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     r.add_argument("--compile", action="store_true",
                    help="run decode steps through torch.compile (compiled at load: tens of seconds)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -251,6 +257,7 @@ def make_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-batch-size", type=int, help="Triton batch size (default: the engine's)")
     k.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batching window")
     k.add_argument("--device", default="auto", help="where the model runs: auto | cpu | cuda | cuda:N")
+    k.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     k.add_argument("--gpus", metavar="0,1,...",
                    help="one engine on each of these GPUs (Triton KIND_GPU instances; --instances per GPU): "
                         "data parallel, each with its own KV pool and scheduler")

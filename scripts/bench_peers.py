@@ -99,13 +99,23 @@ def out_tps(m: dict) -> float:
     return m["output_tokens"] / m["wall_s"]
 
 
+def instruction_sets() -> str:
+    """The vector instruction sets that decide each engine's kernels and default precision."""
+    flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+    have = [f for f in wanted if f in flags]
+    return " ".join(have) + ("" if "avx512_bf16" in have or "amx_bf16" in have else " (no native bf16)")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llava-next-peer", help="random-weight preset (when no --model)")
     p.add_argument("--model", type=Path, help="a LLaVA-NeXT checkpoint in Hugging Face layout")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="auto", choices=["auto", "f32", "bf16"],
-                   help="both engines' compute precision; auto: bf16 where the CPU has native bf16, else f32")
+    p.add_argument("--precision", default="auto", choices=["auto", "default", "f32", "bf16"],
+                   help="both engines' compute precision; auto: bf16 where the CPU has native bf16, else f32 "
+                        "(pdrop's default); default: each engine's own default (OpenVINO's KV cache 8-bit)")
     p.add_argument("--drop-ratio", type=float, default=0.5)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -123,7 +133,7 @@ def main() -> int:
     from builder.convert.checkpoint import open_checkpoint
     from builder.convert.presets import preset_checkpoint, write_hf_checkpoint
     from builder.format.config import Limits, PyramidSchedule
-    from builder.runtime.engine import cpu_has_bf16
+    from builder.runtime.precision import cpu_has_bf16
 
     precision = args.precision if args.precision != "auto" else "bf16" if cpu_has_bf16() else "f32"
     name = args.model.name if args.model else args.shape
@@ -142,7 +152,7 @@ def main() -> int:
     image = work / "image.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (672, 672, 3), dtype=np.uint8)).save(image)
 
-    dtype = {"f32": "float32", "bf16": "bfloat16"}[precision]
+    dtype = {"f32": "float32", "bf16": "bfloat16", "default": "auto"}[precision]
     ov = Worker("openvino", [python, ROOT / "scripts/peers/openvino_worker.py", ov_dir, args.threads, precision])
     pd = Worker("pdrop", [sys.executable, ROOT / "scripts/peers/pdrop_worker.py", engine_dir, args.threads, dtype,
                           int(not args.no_compile)])
@@ -167,6 +177,7 @@ def main() -> int:
             m = many[a, c]
             log(f"{c} at once: {a}: {out_tps(m):.1f} tok/s, TTFT p50 {p50(m['ttft_s']):.1f} s")
     rss = {a: w.ask(op="rss")["peak_rss_mb"] for a, w, _ in arms}
+    runs_in = {a: w.ask(op="precision")["precision"] for a, w, _ in arms}
     ov.close(), pd.close()
     elapsed = time.perf_counter() - t_start
 
@@ -176,14 +187,15 @@ def main() -> int:
     tps = {a: p50([x["decode_tok_s"] for x in xs]) for a, xs in single.items()}
     base = arms[0][0]
     print(f"\n{name}, {single[arms[1][0]][0]['prompt_tokens']} prompt tokens (OpenVINO counts "
-          f"{single[base][0]['prompt_tokens']}), {args.max_new_tokens} new, greedy; {cpu}, {args.threads} threads, "
-          f"{precision} (torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}); "
-          f"median of {args.repeats} alternated runs; {elapsed / 60:.1f} min\n")
-    print("| engine | TTFT s | × OpenVINO | decode tok/s | × OpenVINO | peak RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"{single[base][0]['prompt_tokens']}), {args.max_new_tokens} new, greedy, prefix caches off; {cpu}, "
+          f"{args.threads} threads, --precision {args.precision} (torch {torch.__version__}); "
+          f"median of {args.repeats} alternated runs; {elapsed / 60:.1f} min")
+    print(f"CPU: {instruction_sets()}; torch's CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
+    print("| engine | precision | TTFT s | × OpenVINO | decode tok/s | × OpenVINO | peak RSS MB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for a, _, _ in arms:  # pdrop's two rows share one process, so one peak
-        print(f"| {a} | {ttft[a]:.2f} | {ttft[a] / ttft[base]:.2f} | {tps[a]:.1f} | {tps[a] / tps[base]:.2f} | "
-              f"{rss[a]:.0f} |")
+        print(f"| {a} | {runs_in[a]} | {ttft[a]:.2f} | {ttft[a] / ttft[base]:.2f} | {tps[a]:.1f} | "
+              f"{tps[a] / tps[base]:.2f} | {rss[a]:.0f} |")
     concurrency = sorted({c for _, c in many})
     if concurrency:
         print("\n| requests at once | engine | output tok/s | × OpenVINO | TTFT p50 s | × OpenVINO |")
@@ -207,7 +219,8 @@ def main() -> int:
         print(f"- {text}: {value:.2f}x, {'met' if met else 'MISSED'}")
     if args.json:
         args.json.write_text(json.dumps({"single": single, "many": {f"{a}|{c}": m for (a, c), m in many.items()},
-                                         "rss_mb": rss, "precision": precision, "threads": args.threads}, indent=1))
+                                         "rss_mb": rss, "precision": runs_in, "threads": args.threads,
+                                         "cpu": instruction_sets()}, indent=1))
     return 0
 
 

@@ -105,7 +105,9 @@ def hf_dir(demo_ckpt, tmp_path_factory):
     return write_hf_checkpoint(demo_ckpt, tmp_path_factory.mktemp("hf") / "demo-hf")
 
 
-def _build(ckpt, path, drop, exports=(), dtype="auto", cpu_kernels="auto", plugins="off", cuda_archs=None):
+def _build(ckpt, path, drop, exports=(), dtype="float32", cpu_kernels="auto", plugins="off", cuda_archs=None):
+    """A demo engine; float32 unless said (an explicit dtype runs on every CPU: the exactness tests
+    mean fp32 whatever the CPU's default; test_precision.py tests the default path)."""
     build_engine(ckpt, path, PyramidSchedule.create(8, drop, DEMO_LAYERS), Limits(8, 1536, 2048), dtype,
                  progress=False, exports=exports, cpu_kernels=cpu_kernels, plugins=plugins, cuda_archs=cuda_archs)
     return path
@@ -113,7 +115,7 @@ def _build(ckpt, path, drop, exports=(), dtype="auto", cpu_kernels="auto", plugi
 
 @pytest.fixture(scope="session")
 def engine_dir(demo_ckpt, tmp_path_factory):
-    """Demo engine built with drop ratio 0.5 (layers 2, 4, 6)."""
+    """Demo engine built with drop ratio 0.5 (layers 2, 4, 6), float32."""
     return _build(demo_ckpt, tmp_path_factory.mktemp("eng") / "demo", 0.5)
 
 

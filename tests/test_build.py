@@ -14,7 +14,7 @@ from builder.convert.checkpoint import open_checkpoint
 from builder.format.config import Limits, PyramidSchedule
 from builder.format.errors import CheckpointError, EngineError
 from builder.format.manifest import FORMAT_VERSION, read_manifest, sha256_file
-from builder.runtime import engine as engine_module
+from builder.runtime import precision
 from builder.runtime.engine import Engine
 
 LIMITS = Limits(4, 1536, 2048)
@@ -40,7 +40,7 @@ def test_manifest_records_everything_the_runtime_needs(engine_dir, demo_ckpt):
     raw = json.loads((engine_dir / "manifest.json").read_text())
     assert raw["format_version"] == FORMAT_VERSION and raw["builder_version"]
     assert m.pyramid.layers == DEMO_LAYERS and m.pyramid.drop_ratio == 0.5
-    assert m.dtype == "float32" and m.limits == Limits(8, 1536, 2048)
+    assert m.dtype == m.precision == "float32" and m.limits == Limits(8, 1536, 2048)
     assert m.llm.n_layers == 8 and m.llm.n_kv_heads == 2
     assert m.source == {"checkpoint": "preset:demo", "fingerprint": "preset:demo:seed=0"}
     assert m.eos_token_ids == [demo_ckpt.processor.tokenizer.eos_token_id]
@@ -121,10 +121,10 @@ def test_bfloat16_engine_loads_and_generates(demo_ckpt, tmp_path, monkeypatch):
     build(demo_ckpt, tmp_path / "bf16", dtype="bfloat16")
     with safe_open(tmp_path / "bf16" / "llm.safetensors", "pt") as f:
         assert f.get_tensor("norm.weight").dtype == torch.bfloat16
-    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: False)  # a CPU without bf16 runs it in fp32
-    assert Engine.load(tmp_path / "bf16", device="cpu").pool.k.dtype == torch.float32
-    engine = Engine.load(tmp_path / "bf16", device="cpu", dtype="bfloat16")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)  # asked for at build: bf16 on any CPU
+    engine = Engine.load(tmp_path / "bf16", device="cpu")
     assert engine.dtype == engine.pool.k.dtype == torch.bfloat16
+    assert Engine.load(tmp_path / "bf16", device="cpu", dtype="float32").pool.k.dtype == torch.float32
     [r] = engine.generate(["<image>\nWhat? ASSISTANT:"], [make_image(100, 150)], max_new_tokens=5)
     assert len(r.token_ids) == 5 and [s.tokens_kept for s in r.stages] == [84, 42, 21]
 

@@ -32,7 +32,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUESTION = "What is in the image?"
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
 STATS = re.compile(r"^\[(\d+) prompt tokens \((\d+) image\), (\d+) generated; TTFT [\d.]+ ms "
-                   r"\(vision [\d.]+, prefill [\d.]+\), decode [\d.]+ tok/s; prefill FLOPs x([\d.]+)\]$")
+                   r"\(vision [\d.]+, prefill [\d.]+\), decode [\d.]+ tok/s; prefill FLOPs x([\d.]+); "
+                   r"(float32|bfloat16|float16) on cpu\]$")
 # one of each family as a real process: argparse (exit 2), build (exit 1), run (exit 1)
 SUBPROCESS = {"build:drop-ratio-abc", "build:model-missing", "run:engine-checksum", "exists"}
 
@@ -354,7 +355,8 @@ def test_run_chat_streams_text_and_a_stats_line(runs, built, reference):
     assert len(lines) == 1, p.stderr
     stats = STATS.match(lines[0])
     assert stats, lines[0]
-    prompt_tokens, image_tokens, generated, ratio = stats.groups()
+    prompt_tokens, image_tokens, generated, ratio, dtype = stats.groups()
+    assert dtype == reference.precision  # the CLI-built engine (--dtype auto): this CPU's choice
 
     prompt = reference.chat_prompt(QUESTION, with_image=True)
     assert prompt.startswith("A chat between") and prompt.endswith("ASSISTANT:")

@@ -1,30 +1,13 @@
-"""The CPU fast paths: the default precision, text decoded a token at a time (the kernels: test_cpu_kernels.py)."""
+"""The CPU fast paths: text decoded a token at a time (the kernels: test_cpu_kernels.py; the default
+precision: test_precision.py)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-from builder.runtime import engine as engine_module
-from builder.runtime.engine import resolve_dtype
 from builder.runtime.sampling import SamplingParams
 from builder.runtime.scheduler import Generation
 
-CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-
-
-@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
-def test_cpu_default_precision_is_what_openvino_picks(monkeypatch, native_bf16, expected):
-    monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: native_bf16)
-    for stored in ("float32", "bfloat16", "float16"):
-        assert resolve_dtype(None, stored, CPU) == expected
-        assert resolve_dtype("auto", stored, CPU) == expected
-        assert resolve_dtype(None, stored, CUDA) == getattr(torch, stored)  # a GPU runs the engine's own
-        assert resolve_dtype("float16", stored, CPU) == torch.float16  # asked for: always that
-
-
-def test_an_unknown_dtype_is_refused():
-    with pytest.raises(engine_module.InputError, match="unsupported dtype 'int8'"):
-        resolve_dtype("int8", "float32", CPU)
+CPU = torch.device("cpu")
 
 
 def test_text_grows_a_token_at_a_time_and_equals_the_whole_decode(engine):

@@ -51,7 +51,8 @@ def test_training_with_the_drop_lowers_the_loss(trained):
 def test_trained_checkpoint_converts_and_the_engine_matches_the_training_forward(trained):
     model, _, out, _ = trained
     ckpt = open_checkpoint(out / "ckpt")
-    build_engine(ckpt, out / "engine", PyramidSchedule.create(4, 0.5, LAYERS), Limits(2, 256, 512), progress=False)
+    build_engine(ckpt, out / "engine", PyramidSchedule.create(4, 0.5, LAYERS), Limits(2, 256, 512), "float32",
+                 progress=False)
     engine = Engine.load(out / "engine", device="cpu")
     processor = make_processor()
     for ex in dataset("test", 4):

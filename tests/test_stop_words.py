@@ -48,8 +48,9 @@ def test_stop_and_bad_words_are_bounded_in_one_line():
 
 
 def test_the_largest_stop_words_allowed_do_not_stall_a_small_request(engine):
-    """Two requests decoding side by side: the small one takes at most twice its time alone (best of
-    three each way), though the other carries MAX_WORDS stop and bad words of MAX_WORD_BYTES each."""
+    """Two requests decoding side by side: the small one takes at most twice as long when the other
+    carries MAX_WORDS stop and bad words of MAX_WORD_BYTES each as when it carries none (best of
+    three each way: the same batch, so only the words' cost differs, whatever the machine's speed)."""
     rng = random.Random(1)
     words = ["".join(rng.choice("abcdefgh ") for _ in range(MAX_WORD_BYTES)) for _ in range(MAX_WORDS)]
     big = SamplingParams(24, stop=words, bad_words=words[:MAX_WORDS], end_id=-1)
@@ -63,7 +64,7 @@ def test_the_largest_stop_words_allowed_do_not_stall_a_small_request(engine):
                 done = time.perf_counter() - t0
         return done
 
-    alone = min(small_done([small]) for _ in range(3))
+    plain = min(small_done([small, SamplingParams(24, end_id=-1)]) for _ in range(3))
     beside = min(small_done([small, big]) for _ in range(3))
-    print(f"small request alone {alone * 1e3:.0f} ms, beside the largest stop words {beside * 1e3:.0f} ms")
-    assert beside <= 2 * alone, (alone, beside)
+    print(f"small request beside no stop words {plain * 1e3:.0f} ms, beside the largest {beside * 1e3:.0f} ms")
+    assert beside <= 2 * plain, (plain, beside)

@@ -331,33 +331,60 @@ def scrape(server) -> dict[tuple[str, tuple], float]:
     return samples
 
 
+def gauge(samples, family, label, value):
+    return samples[family, ((label, value),)]
+
+
+def scrape_while_running(server, images, n: int) -> list[dict]:
+    """Scrapes while `n` streams run, until they are seen running together (at most 120 s): each
+    asks for more tokens than it can be given time to decode, and is cancelled once seen, so that
+    how fast this machine decodes does not decide what the scrapes see."""
+    clients = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(n)]
+    running = []
+    try:
+        for i, c in enumerate(clients):
+            c.start_stream(callback=lambda result, error: None)
+            c.async_stream_infer("pdrop", request_inputs(PROMPT, 1024, images[i % len(images)], end_id=-1),
+                                 request_id=f"long-{i}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            running.append(scrape(server))
+            if gauge(running[-1], "nv_trt_llm_request_metrics", "request_type", "active") >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        for c in clients:
+            c.stop_stream(cancel_requests=True)
+            c.close()
+    deadline = time.monotonic() + 60  # cancelled: gone within a step, their blocks back in the pool
+    while time.monotonic() < deadline and gauge(scrape(server), "nv_trt_llm_request_metrics", "request_type",
+                                                "active"):
+        time.sleep(0.2)
+    time.sleep(1.2)  # their last metrics recorded: a refresh (0.5 s) and tritonserver's interval (0.5 s)
+    return running
+
+
 def test_metrics_under_tensorrtllm_backend_names_while_requests_run(server, images):
-    """Scraped while 4 streams run and after: tensorrtllm_backend's request and KV-block gauges (the
-    prefix cache's unused blocks count as free), and pdrop's image tokens per boundary, time to the
-    first token and prefix cache."""
+    """Scraped while 4 streams run, and after 5 more requests: tensorrtllm_backend's request and
+    KV-block gauges (the prefix cache's unused blocks count as free), and pdrop's image tokens per
+    boundary, time to the first token and prefix cache."""
+    running = scrape_while_running(server, images, 4)
     before = scrape(server)
     ttft_count = ("pdrop_time_to_first_token_seconds_count", ())
-    running = []
 
     def worker(i):
         c = grpcclient.InferenceServerClient(server.grpc_url)
-        assert infer(c, "pdrop", request_inputs(PROMPT, 64, images[i % len(images)])).error is None
+        assert infer(c, "pdrop", request_inputs(PROMPT, 16, images[i % len(images)])).error is None
         c.close()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    while any(t.is_alive() for t in threads):
-        running.append(scrape(server))
-        time.sleep(0.3)
     for t in threads:
         t.join()
     worker(0)  # a second question about an image: a prefix-cache hit
     time.sleep(1.2)  # a refresh (0.5 s) and tritonserver's metrics interval (0.5 s) later
     after = scrape(server)
-
-    def gauge(samples, family, label, value):
-        return samples[family, ((label, value),)]
 
     assert max(gauge(m, "nv_trt_llm_request_metrics", "request_type", "active") for m in running) >= 2
     assert max(gauge(m, "nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "used") for m in running) > 0

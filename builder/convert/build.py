@@ -44,7 +44,8 @@ def vision_weight_plan(names: list[str]) -> dict[str, list[str]]:
     return plan
 
 
-def resolve_dtype(name: str, ckpt: Checkpoint) -> str:
+def stored_dtype(name: str, ckpt: Checkpoint) -> str:
+    """The dtype the weights are stored in: `name`, or for "auto" the checkpoint's own."""
     if name == "auto":
         native = ckpt.hf_config.text_config.dtype or getattr(ckpt.hf_config, "dtype", None) or "float32"
         name = str(native).replace("torch.", "")
@@ -151,10 +152,12 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
                  cuda_archs: list[str] | None = None, exports: Sequence[str] = (),
                  cpu_kernels: str = "auto") -> tuple[Manifest, int]:
     """Convert `ckpt` into an engine directory at `output`, with the `exports` named (EXPORTS).
-    Returns the manifest and parameter count."""
+    `dtype` "auto" stores the checkpoint's dtype and lets the runtime choose what runs
+    (runtime.precision); a DTYPES name is stored and run on every device. Returns the manifest and
+    parameter count."""
     llm = ckpt.llm
     limits.validate(llm, ckpt.sliding_window)
-    dtype = resolve_dtype(dtype, ckpt)
+    precision, dtype = dtype, stored_dtype(dtype, ckpt)
     unknown = sorted(set(exports) - set(EXPORTS))
     if unknown:
         raise ConfigError(f"unknown export '{unknown[0]}': choose {', '.join(EXPORTS)}")
@@ -183,6 +186,6 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
             llm=llm, vision=vision_spec(ckpt.hf_config), pyramid=schedule, dtype=dtype, limits=limits,
             image_token_id=ckpt.hf_config.image_token_id, eos_token_ids=eos_ids(ckpt),
             source={"checkpoint": ckpt.source, "fingerprint": ckpt.fingerprint}, files=checksum_dir(tmp),
-            plugins=plugin_record, exports=records)
+            plugins=plugin_record, exports=records, precision=precision)
         write_manifest(tmp, manifest)
     return manifest, params

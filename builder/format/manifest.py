@@ -1,6 +1,7 @@
 """The engine directory: a versioned manifest, converted weights and the processor files.
 
-    manifest.json       format version, model configs, pyramid schedule, dtype, limits, source
+    manifest.json       format version, model configs, pyramid schedule, stored dtype and the precision
+                        to run in, limits, source
                         fingerprint, sha256 of every other file, builder version
     manifest.sha256     sha256 of manifest.json (`sha256sum -c manifest.sha256` checks it too)
     llm.safetensors     decoder weights, fused wqkv and w13 (gate, up), (out, in) layout
@@ -35,7 +36,7 @@ class Manifest:
     llm: LLMConfig
     vision: dict  # vision_config dict + projector/feature-selection/anyres settings
     pyramid: PyramidSchedule
-    dtype: str
+    dtype: str  # of the stored weights
     limits: Limits
     image_token_id: int
     eos_token_ids: list[int]
@@ -43,6 +44,7 @@ class Manifest:
     files: dict[str, str]
     plugins: dict = field(default_factory=dict)  # {"library", "kernels", "archs", "abi_version"} or {"reason"}
     exports: dict = field(default_factory=dict)  # "onnx" / "trtllm-checkpoint" -> what was written and verified
+    precision: str = "auto"  # what the build asked to run in: a dtype, or "auto" (runtime.precision)
     builder_version: str = __version__
     format_version: int = FORMAT_VERSION
 
@@ -50,7 +52,8 @@ class Manifest:
         return json.dumps({
             "format_version": self.format_version, "builder_version": self.builder_version,
             "llm": self.llm.to_dict(), "vision": self.vision, "pyramid": self.pyramid.to_dict(),
-            "dtype": self.dtype, "limits": self.limits.to_dict(), "image_token_id": self.image_token_id,
+            "dtype": self.dtype, "precision": self.precision, "limits": self.limits.to_dict(),
+            "image_token_id": self.image_token_id,
             "eos_token_ids": self.eos_token_ids, "source": self.source, "plugins": self.plugins,
             "exports": self.exports, "files": self.files}, indent=2)
 
@@ -63,7 +66,7 @@ class Manifest:
         return cls(llm=LLMConfig.from_dict(d["llm"]), vision=d["vision"], pyramid=PyramidSchedule(**d["pyramid"]),
                    dtype=d["dtype"], limits=Limits(**d["limits"]), image_token_id=d["image_token_id"],
                    eos_token_ids=d["eos_token_ids"], source=d["source"], files=d["files"], plugins=d["plugins"],
-                   exports=d.get("exports", {}),
+                   exports=d.get("exports", {}), precision=d.get("precision", "auto"),
                    builder_version=d["builder_version"], format_version=d["format_version"])
 
 

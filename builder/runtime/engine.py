@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 from safetensors.torch import load_file
 
-from ..format.config import DTYPES, PyramidSchedule
+from ..format.config import PyramidSchedule
 from ..format.errors import EngineError, InputError, first_line
 from ..format.manifest import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
 from .decode import Decoder, GraphDecoder
@@ -32,6 +32,7 @@ from .model import Transformer
 from .kernel_linear import use_kernel_linears
 from .memory_plan import DEFAULT_FRACTION, plan_memory
 from .paged_kv import BlockPool
+from .precision import resolve_dtype
 from .prefix_cache import PrefixCache, image_key
 from .rope import Rope
 from .sampling import SamplingParams
@@ -78,22 +79,6 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def cpu_has_bf16() -> bool:
-    """Native bfloat16 arithmetic (AVX512-BF16 or AMX): where OpenVINO runs bf16 by default."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def resolve_dtype(name: str | None, stored: str, device: torch.device) -> torch.dtype:
-    """The precision the engine runs in: `name` when given (not None or "auto"); else on a GPU the
-    engine's stored dtype, and on a CPU what OpenVINO picks there: bfloat16 where the CPU computes
-    it natively, float32 otherwise (emulated bf16 and fp16 are slower than fp32 on such CPUs)."""
-    if name not in (None, "auto", *DTYPES):
-        raise InputError(f"unsupported dtype '{name}': choose auto, {', '.join(DTYPES)}")
-    if name in (None, "auto"):
-        name = stored if device.type == "cuda" else "bfloat16" if cpu_has_bf16() else "float32"
-    return getattr(torch, name)
-
-
 def load_kernels(path: Path, manifest, device: torch.device):
     """The engine's CUDA kernels on a CUDA device; else None (the torch ops), said once."""
     if device.type != "cuda":
@@ -108,8 +93,15 @@ def load_kernels(path: Path, manifest, device: torch.device):
     return Kernels(path / library)
 
 
-def load_cpu_kernels(path: Path, manifest):
-    """The engine's CPU decode attention for this CPU's instruction set; else None (torch ops), said once."""
+def load_cpu_kernels(path: Path, manifest, dtype: torch.dtype):
+    """The engine's CPU decode kernels for this CPU's instruction set and `dtype`; else None (torch
+    ops), said once."""
+    from .kernels import CpuKernels
+
+    if dtype not in CpuKernels.dtypes:
+        warnings.warn(f"pdrop: the CPU kernels take float32 and bfloat16; {dtype} decode runs on torch ops",
+                      stacklevel=3)
+        return None
     record = manifest.plugins.get("cpu", {"libraries": None, "reason": "engine built before CPU kernels"})
     libraries = record["libraries"]
     if not libraries:
@@ -117,8 +109,6 @@ def load_cpu_kernels(path: Path, manifest):
                       stacklevel=3)
         return None
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    from .kernels import CpuKernels
-
     try:
         return CpuKernels(path / libraries.get(capability, libraries["default"]))
     except EngineError as e:  # built for another architecture, say: slower, not wrong
@@ -137,7 +127,7 @@ class Engine:
         # no token stands for more prompt bytes than its vocabulary string takes (spaces and raw
         # bytes are spelled longer there), so a prompt longer than this many bytes a token is too long
         self.max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
-        self.dtype = llm.tok_embeddings.weight.dtype
+        self.dtype = llm.tok_embeddings.weight.dtype  # runtime.precision chose it
         cfg, limits = manifest.llm, manifest.limits
         if block_size < 1 or (kv_cache_tokens is not None and kv_cache_tokens < 1):
             raise InputError(f"kv_cache_tokens and block_size must be positive, got {kv_cache_tokens} and {block_size}")
@@ -184,6 +174,11 @@ class Engine:
         print(f"pdrop: memory plan on {self.device}: {self.plan.describe()}", file=sys.stderr, flush=True)
         return self.plan.tokens
 
+    @property
+    def precision(self) -> str:
+        """The dtype the engine runs in, by name: 'float32', 'bfloat16', 'float16'."""
+        return str(self.dtype).removeprefix("torch.")
+
     def on_device(self):
         """The engine's CUDA device as the calling thread's current one (streams, graphs and kernel
         launches go to the current device); nothing on a CPU."""
@@ -196,7 +191,7 @@ class Engine:
              kv_cache_memory_fraction: float | None = None, compiled: bool = False,
              prefix_cache_tokens: int | None = None) -> "Engine":
         """Load an engine directory; `dtype` (float32, float16, bfloat16) is the precision it runs
-        in, by default the engine's own on a GPU and the CPU's fastest (resolve_dtype); `verify`
+        in, by default what the build chose (runtime.precision); `verify`
         checks every file's sha256 against the manifest;
         `cuda_graphs` replays decode steps from CUDA graphs on a CUDA device with the engine's
         kernels, one per batch bucket, all captured here; `compiled` runs them through torch.compile
@@ -212,7 +207,7 @@ class Engine:
         path = Path(path)
         manifest = read_manifest(path, verify=verify)
         device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, manifest.dtype, device)
+        torch_dtype = resolve_dtype(dtype, manifest.precision, manifest.dtype, device)
         cfg = manifest.llm
         with torch.device("meta"):
             llm = Transformer(cfg, manifest.limits.max_seq_len)
@@ -220,7 +215,7 @@ class Engine:
         llm.rope = Rope(cfg.head_dim, cfg.rope_theta, manifest.limits.max_seq_len)
         llm = llm.to(device=device, dtype=torch_dtype).eval()
         llm.kernels = load_kernels(path, manifest, device)
-        llm.decode_kernels = llm.kernels if device.type == "cuda" else load_cpu_kernels(path, manifest)
+        llm.decode_kernels = llm.kernels if device.type == "cuda" else load_cpu_kernels(path, manifest, torch_dtype)
         vision = VisionEncoder(manifest.vision, cfg.dim)
         vision.load_weights(load_file(path / VISION_WEIGHTS))
         vision = vision.to(device=device, dtype=torch_dtype).eval()

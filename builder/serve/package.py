@@ -12,7 +12,7 @@ from pathlib import Path
 from string import Template
 
 from ..format.atomic import staging_dir
-from ..format.config import SCHEDULERS
+from ..format.config import DTYPES, SCHEDULERS
 from ..format.errors import ConfigError, PdropError
 from ..format.manifest import read_manifest
 
@@ -35,14 +35,15 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
                  max_queue_delay_us: int = 2000, force: bool = False, scheduler: str = "inflight",
                  kv_cache_tokens: int = 0, max_queued_requests: int = 64, kv_cache_memory_fraction: float = 0.0,
                  decoupled: bool = True, gpus: list[int] | None = None,
-                 prefix_cache_tokens: int | None = None) -> Path:
+                 prefix_cache_tokens: int | None = None, dtype: str = "auto") -> Path:
     """Write a model repository serving `engine`; returns the model's directory. `scheduler`,
     `kv_cache_tokens` (0: the engine's default pool), `kv_cache_memory_fraction` (CUDA; 0: the
     default, 0.9) and `max_queued_requests` configure the engine's in-flight batching (Engine.load).
     `decoupled` False serves unary clients (ModelInfer): one response per request, no streaming.
     `gpus`: `instances` instances on each of these GPUs (KIND_GPU), each loading the engine on its
     own GPU (instance_device). `prefix_cache_tokens`: the prefix cache's token slots per layer (None:
-    the engine's default; 0: off)."""
+    the engine's default; 0: off). `dtype`: the precision to run in ("auto": what the build chose,
+    runtime.precision)."""
     engine, output = Path(engine).resolve(), Path(output).resolve()
     manifest = read_manifest(engine, verify=True)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name):
@@ -60,6 +61,8 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
                           "--max-queued-requests positive")
     if prefix_cache_tokens is not None and prefix_cache_tokens < 0:
         raise ConfigError(f"--prefix-cache-tokens must be >= 0 (0 turns the cache off), got {prefix_cache_tokens}")
+    if dtype not in ("auto", *DTYPES):
+        raise ConfigError(f"unsupported dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
     if gpus is not None and (not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0):
         raise ConfigError(f"--gpus must list distinct GPU indices, e.g. 0,1,2,3; got {gpus}")
     if gpus and device not in ("auto", "cuda"):
@@ -70,7 +73,7 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
     if '"' in str(engine_ref) or "\\" in str(engine_ref):
         raise ConfigError(f"the engine path may not contain quotes or backslashes: {engine_ref}")
     text = Template((TEMPLATE / "config.pbtxt").read_text()).substitute(
-        model_name=model_name, max_batch_size=batch, instances=instances, engine_dir=engine_ref, device=device,
+        model_name=model_name, max_batch_size=batch, instances=instances, engine_dir=engine_ref, device=device, dtype=dtype,
         max_queue_delay_microseconds=max_queue_delay_us, drop_ratio=manifest.pyramid.drop_ratio,
         drop_layers=",".join(map(str, manifest.pyramid.layers)), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
         max_queued_requests=max_queued_requests, kv_cache_memory_fraction=kv_cache_memory_fraction,

@@ -6,6 +6,7 @@ Reads one JSON command a line on stdin, answers one JSON line on stdout:
   {"op": "many", "image": PATH, "questions": [Q, ...], "max_new_tokens": N}
       -> {"wall_s", "output_tokens", "ttft_s": [...], "tokens": [[...]]}  (ContinuousBatchingPipeline)
   {"op": "rss"} -> {"peak_rss_mb"}
+  {"op": "precision"} -> {"precision"}: what it computes in and keeps its KV cache in
 Never imports pdrop: the peer venv pins its own transformers.
 """
 from __future__ import annotations
@@ -43,6 +44,14 @@ def image_tensor(path: str) -> ov.Tensor:
     return ov.Tensor(np.array(Image.open(path).convert("RGB"), dtype=np.uint8)[None])
 
 
+def precision(props: dict) -> str:
+    """The compute and KV-cache precisions: the ones set, else the CPU plugin's defaults on this CPU."""
+    core = ov.Core()
+    compute, kv = (props.get(k) or str(core.get_property("CPU", k)) for k in ("INFERENCE_PRECISION_HINT",
+                                                                              "KV_CACHE_PRECISION"))
+    return f"{compute}, KV cache {kv}"
+
+
 def main() -> int:
     model, threads, precision = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     props = {"INFERENCE_NUM_THREADS": threads}
@@ -74,6 +83,8 @@ def main() -> int:
             tokens = [[t for o in h.read_all() for t in o.generated_ids] for h in handles]
             out = {"wall_s": wall, "output_tokens": sum(map(len, tokens)), "tokens": tokens,
                    "ttft_s": [first.get(i, float("nan")) for i in range(len(handles))]}
+        elif cmd["op"] == "precision":
+            out = {"precision": precision(props)}
         else:
             out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         print(json.dumps(out), flush=True)

@@ -20,11 +20,15 @@ from builder.runtime.sampling import SamplingParams
 def main() -> int:
     path, threads, dtype, compiled = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     torch.set_num_threads(threads)
-    engine = Engine.load(path, device="cpu", dtype=dtype, compiled=compiled)
+    # no prefix cache: every request pays its own prefill, as the peer's do with theirs off
+    engine = Engine.load(path, device="cpu", dtype=dtype, compiled=compiled, prefix_cache_tokens=0)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "rss":
             print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+            continue
+        if cmd["op"] == "precision":
+            print(json.dumps({"precision": f"{engine.precision}, KV cache {engine.pool.k.dtype}"}), flush=True)
             continue
         image = Image.open(cmd["image"]).convert("RGB")
         questions = cmd["questions"] if cmd["op"] == "many" else [cmd["question"]]

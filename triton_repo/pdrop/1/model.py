@@ -10,7 +10,7 @@ final flag; the server keeps serving.
 Metrics (when tritonserver runs with --allow-metrics): tensorrtllm_backend's request and KV-cache
 block families, under its names and labels, so that dashboards built for it read pdrop unchanged,
 refreshed twice a second; and pdrop's own: image tokens into and kept at each pyramid boundary,
-and the time to the first token.
+the time to the first token, the prefix cache, and the device and precision the engine runs in.
 """
 import json
 import threading
@@ -41,8 +41,12 @@ class _Metrics:
             pb_utils.MetricFamily("pdrop_prefix_cache_blocks", "KV blocks the prefix cache holds", gauge),
             pb_utils.MetricFamily("pdrop_prefix_cache_requests_total", "requests with a prefix to share, by whether "
                                   "the prefix cache had it", counter),
-            pb_utils.MetricFamily("pdrop_prefix_cache_hit_ratio", "hits / requests with a prefix to share", gauge)]
-        requests, blocks, self.image_tokens, ttft, cached, lookups, ratio = self.families
+            pb_utils.MetricFamily("pdrop_prefix_cache_hit_ratio", "hits / requests with a prefix to share", gauge),
+            pb_utils.MetricFamily("pdrop_engine_info", "1, labelled with the device and precision the engine runs in",
+                                  gauge)]
+        requests, blocks, self.image_tokens, ttft, cached, lookups, ratio, info = self.families
+        self.info = info.Metric(labels={**self.labels, "device": str(engine.device), "dtype": engine.precision})
+        self.info.set(1)
         self.requests = {t: requests.Metric(labels={**self.labels, "request_type": t})
                          for t in ("active", "scheduled", "waiting", "max", "context")}
         self.blocks = {t: blocks.Metric(labels={**self.labels, "kv_cache_block_type": t})
@@ -175,13 +179,14 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         device = instance_device(params.get("device", "auto"), args["model_instance_kind"],
                                  args["model_instance_device_id"])
-        self.engine = Engine.load(params["engine_dir"], device=device,
+        self.engine = Engine.load(params["engine_dir"], device=device, dtype=params.get("dtype", "auto"),
                                   kv_cache_tokens=int(params.get("kv_cache_tokens") or 0) or None,
                                   kv_cache_memory_fraction=float(params.get("kv_cache_memory_fraction") or 0) or None,
                                   scheduler=params.get("scheduler", "inflight"),
                                   max_queued_requests=int(params.get("max_queued_requests") or 64),
                                   prefix_cache_tokens=int(params["prefix_cache_tokens"])
                                   if params.get("prefix_cache_tokens", "") != "" else None)
+        pb_utils.Logger.log_info(f"pdrop: {params['engine_dir']} runs in {self.engine.precision} on {self.engine.device}")
         self.max_seq_len = self.engine.manifest.limits.max_seq_len
         built = self.engine.manifest.pyramid.drop_ratio
         declared = params.get("drop_ratio")
