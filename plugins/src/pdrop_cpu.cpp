@@ -66,11 +66,70 @@ struct Shape {
   float scale;
 };
 
-// One task's partial results for every query head h: max m[h], sum l[h], output acc[h][dim].
-template <typename T>
+// Sixteen lanes in GCC/Clang vector extensions: one zmm register with AVX-512, two ymm with AVX2,
+// four xmm on the baseline. They never cross this file's interface (an anonymous namespace), so
+// GCC's note that their calling convention differs between instruction sets does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x16 load16(const uint16_t* p) {  // bf16 -> fp32: the 16 bits become the high half
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline float sum16(f32x16 v) {  // a tree of halves
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// q . k over D dims, D a compile-time head size (a multiple of 16): whole vectors and one tree sum,
+// where a reduction clause sums the last vector's lanes one after another. D 0: `dim` at run time,
+// any size.
+template <int D, typename T>
+inline float dot(const float* q, const T* k, int dim) {
+  if constexpr (D == 0) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int d = 0; d < dim; ++d) acc += q[d] * to_float(k[d]);
+    return acc;
+  } else {
+    static_assert(D % 16 == 0, "head size must be a multiple of 16");
+    f32x16 acc = load16(q) * load16(k);
+    for (int d = 16; d < D; d += 16) acc += load16(q + d) * load16(k + d);
+    return sum16(acc);
+  }
+}
+
+// acc += p * v over D dims (as dot).
+template <int D, typename T>
+inline void axpy(float p, const T* v, float* acc, int dim) {
+  const int n = D ? D : dim;
+#pragma omp simd
+  for (int d = 0; d < n; ++d) acc[d] += p * to_float(v[d]);
+}
+
+// One task's partial results for every query head h: max m[h], sum l[h], output acc[h][dim]. The
+// task's keys [begin, end) start at a block boundary; a token's KV heads are contiguous in its slot,
+// and each is read once for the `group` query heads that share it.
+template <int D, typename T>
 void run_chunk(const Shape& s, const T* q, const T* k_pool, const T* v_pool, const int64_t* table, int64_t begin,
                int64_t end, float* m, float* l, float* acc, std::vector<float>& scratch) {
-  const int heads = s.heads, dim = s.dim, n = static_cast<int>(end - begin);
+  const int heads = s.heads, dim = D ? D : s.dim, n = static_cast<int>(end - begin);
   const int64_t slot = static_cast<int64_t>(s.kv_heads) * dim;  // one token of one block
   scratch.resize(static_cast<size_t>(heads) * (dim + n));
   float* qf = scratch.data();  // [heads][dim], scaled
@@ -78,17 +137,27 @@ void run_chunk(const Shape& s, const T* q, const T* k_pool, const T* v_pool, con
   for (int h = 0; h < heads; ++h)
     for (int d = 0; d < dim; ++d) qf[h * dim + d] = to_float(q[h * dim + d]) * s.scale;
 
-  for (int64_t t = begin; t < end; ++t) {
-    const T* key = k_pool + (table[t / s.block_size] * s.block_size + t % s.block_size) * slot;
-    for (int h = 0; h < heads; ++h) {
-      const T* kh = key + (h / s.group) * dim;
-      const float* qh = qf + h * dim;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int d = 0; d < dim; ++d) dot += qh[d] * to_float(kh[d]);
-      score[h * n + (t - begin)] = dot;
+  // calls f(i, token's slot offset) for the task's tokens i = 0..n-1, a block at a time, with the
+  // next block of `pool` fetched meanwhile: blocks are scattered, and a hardware prefetcher stops at
+  // each 4 KiB page
+  const int64_t block_elems = s.block_size * slot;
+  const int64_t block_bytes = block_elems * static_cast<int64_t>(sizeof(T));
+  auto for_each_token = [&](const T* pool, auto&& f) {
+    for (int64_t t0 = begin; t0 < end; t0 += s.block_size) {
+      const int64_t base = table[t0 / s.block_size] * block_elems;
+      if (t0 + s.block_size < end) {
+        const char* next = reinterpret_cast<const char*>(pool + table[t0 / s.block_size + 1] * block_elems);
+        for (int64_t byte = 0; byte < block_bytes; byte += 64) __builtin_prefetch(next + byte);
+      }
+      const int count = static_cast<int>(std::min<int64_t>(s.block_size, end - t0));
+      for (int j = 0; j < count; ++j) f(static_cast<int>(t0 - begin) + j, base + j * slot);
     }
-  }
+  };
+  for_each_token(k_pool, [&](int i, int64_t offset) {
+    const T* key = k_pool + offset;
+    for (int g = 0, h = 0; g < s.kv_heads; ++g)
+      for (int r = 0; r < s.group; ++r, ++h) score[h * n + i] = dot<D>(qf + h * dim, key + g * dim, dim);
+  });
   for (int h = 0; h < heads; ++h) {
     float* sh = score + static_cast<size_t>(h) * n;
     float mx = sh[0];
@@ -103,16 +172,11 @@ void run_chunk(const Shape& s, const T* q, const T* k_pool, const T* v_pool, con
     l[h] = sum;
   }
   std::fill(acc, acc + static_cast<size_t>(heads) * dim, 0.0f);
-  for (int64_t t = begin; t < end; ++t) {
-    const T* value = v_pool + (table[t / s.block_size] * s.block_size + t % s.block_size) * slot;
-    for (int h = 0; h < heads; ++h) {
-      const T* vh = value + (h / s.group) * dim;
-      const float p = score[h * n + (t - begin)];
-      float* ah = acc + h * dim;
-#pragma omp simd
-      for (int d = 0; d < dim; ++d) ah[d] += p * to_float(vh[d]);
-    }
-  }
+  for_each_token(v_pool, [&](int i, int64_t offset) {
+    const T* value = v_pool + offset;
+    for (int g = 0, h = 0; g < s.kv_heads; ++g)
+      for (int r = 0; r < s.group; ++r, ++h) axpy<D>(score[h * n + i], value + g * dim, acc + h * dim, dim);
+  });
 }
 
 template <typename T>
@@ -139,8 +203,9 @@ void paged_decode(const Shape& s, const T* q, const T* k_pool, const T* v_pool, 
       const int b = static_cast<int>(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
       const int64_t begin = (task - first[b]) * chunk, end = std::min(num_keys[b], begin + chunk);
       float* m = ml.data() + static_cast<size_t>(task) * heads * 2;
-      run_chunk(s, q + static_cast<int64_t>(b) * heads * dim, k_pool, v_pool, tables + b * s.table_stride, begin,
-                end, m, m + heads, acc.data() + static_cast<size_t>(task) * heads * dim, scratch);
+      auto run = dim == 64 ? run_chunk<64, T> : dim == 128 ? run_chunk<128, T> : run_chunk<0, T>;
+      run(s, q + static_cast<int64_t>(b) * heads * dim, k_pool, v_pool, tables + b * s.table_stride, begin, end, m,
+          m + heads, acc.data() + static_cast<size_t>(task) * heads * dim, scratch);
     }
 #pragma omp for
     for (int64_t bh = 0; bh < static_cast<int64_t>(batch) * heads; ++bh) {

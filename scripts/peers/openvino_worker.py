@@ -44,7 +44,7 @@ def image_tensor(path: str) -> ov.Tensor:
     return ov.Tensor(np.array(Image.open(path).convert("RGB"), dtype=np.uint8)[None])
 
 
-def precision(props: dict) -> str:
+def precisions(props: dict) -> str:
     """The compute and KV-cache precisions: the ones set, else the CPU plugin's defaults on this CPU."""
     core = ov.Core()
     compute, kv = (props.get(k) or str(core.get_property("CPU", k)) for k in ("INFERENCE_PRECISION_HINT",
@@ -84,7 +84,7 @@ def main() -> int:
             out = {"wall_s": wall, "output_tokens": sum(map(len, tokens)), "tokens": tokens,
                    "ttft_s": [first.get(i, float("nan")) for i in range(len(handles))]}
         elif cmd["op"] == "precision":
-            out = {"precision": precision(props)}
+            out = {"precision": precisions(props)}
         else:
             out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         print(json.dumps(out), flush=True)
