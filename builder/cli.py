@@ -45,8 +45,8 @@ def cmd_build(args) -> int:
     from .convert.checkpoint import open_checkpoint
     from .convert.presets import PRESETS, preset_checkpoint
     from .format.config import PyramidSchedule
-    from .runtime.flops import report
-    from .runtime.vision import largest_image_tokens
+    from .network.flops import report
+    from .network.vision import largest_image_tokens
 
     layers = _indices(args.layers, "--layers", "layer", "8,16,24") if args.layers is not None else None
     model = args.model
@@ -111,7 +111,7 @@ def cmd_build(args) -> int:
 
 def cmd_run(args) -> int:
     from .runtime.engine import Engine
-    from .runtime.images import load_image
+    from .network.images import load_image
 
     if args.keep_map and not args.image:  # before loading and generating, not after
         raise ConfigError("--keep-map needs an --image")
@@ -126,7 +126,7 @@ def cmd_run(args) -> int:
             print(delta.text, end="", flush=True)
         result = delta.result or result
     if args.keep_map:
-        from .runtime.keep_map import draw_keep_map
+        from .network.keep_map import draw_keep_map
 
         draw_keep_map(image, result.layout, result.image_tokens, result.stages, args.keep_map)
     if args.json:

@@ -29,7 +29,7 @@ from builder.convert.presets import preset_checkpoint
 from builder.format.config import Limits, PyramidSchedule
 from builder.runtime.engine import Engine
 from builder.runtime.paged_kv import DecodeBatch, SequenceKV
-from builder.runtime.pyramid import ImageSpan
+from builder.network.pyramid import ImageSpan
 from builder.runtime.sampling import SamplingParams
 
 

@@ -32,7 +32,7 @@ from builder.convert.presets import preset_checkpoint, write_hf_checkpoint
 from builder.format.config import Limits, PyramidSchedule
 from builder.format.manifest import read_manifest
 from builder.runtime.engine import Engine
-from builder.runtime.flops import full_flops
+from builder.network.flops import full_flops
 from builder.runtime.sampling import SamplingParams
 
 QUESTION = "What is shown in this image? Answer in one short sentence, please, and be precise."

@@ -16,11 +16,12 @@ import torch
 
 from builder.convert.plugins import compile_plugins
 from builder.format.config import LLMConfig
-from builder.runtime import pyramid
-from builder.runtime.kernels import Kernels
-from builder.runtime.model import TransformerBlock
-from builder.runtime.paged_kv import BlockPool, PagedLayerKV, SequenceKV
-from builder.runtime.rope import Rope
+from builder.network import pyramid
+from builder.network.kernels import Kernels
+from builder.network.model import TransformerBlock
+from builder.network.attention import PagedLayerKV
+from builder.runtime.paged_kv import BlockPool, SequenceKV
+from builder.network.rope import Rope
 
 BLOCK = 16  # KV block size, the engine's default
 

@@ -133,7 +133,7 @@ def main() -> int:
     from builder.convert.checkpoint import open_checkpoint
     from builder.convert.presets import preset_checkpoint, write_hf_checkpoint
     from builder.format.config import Limits, PyramidSchedule
-    from builder.runtime.precision import cpu_has_bf16
+    from builder.network.precision import cpu_has_bf16
 
     precision = args.precision if args.precision != "auto" else "bf16" if cpu_has_bf16() else "f32"
     name = args.model.name if args.model else args.shape

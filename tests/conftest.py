@@ -18,7 +18,7 @@ from builder.convert.presets import preset_checkpoint, write_hf_checkpoint
 from builder.format.config import EXPORTS, Limits, PyramidSchedule
 from builder.runtime.engine import Engine
 from builder.runtime.paged_kv import SequenceKV
-from builder.runtime.pyramid import ImageSpan
+from builder.network.pyramid import ImageSpan
 
 DEMO_LAYERS = [2, 4, 6]
 # The GPU's architecture ("90"; None without a GPU), and why the GPU tests cannot have its CUDA kernels (None

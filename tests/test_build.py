@@ -14,7 +14,7 @@ from builder.convert.checkpoint import open_checkpoint
 from builder.format.config import Limits, PyramidSchedule
 from builder.format.errors import CheckpointError, EngineError
 from builder.format.manifest import FORMAT_VERSION, read_manifest, sha256_file
-from builder.runtime import precision
+from builder.network import precision
 from builder.runtime.engine import Engine
 
 LIMITS = Limits(4, 1536, 2048)

@@ -26,7 +26,7 @@ from PIL import Image
 from builder.cli import main
 from builder.format.manifest import read_manifest, write_manifest
 from builder.runtime.engine import Engine
-from builder.runtime.keep_map import draw_keep_map
+from builder.network.keep_map import draw_keep_map
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUESTION = "What is in the image?"

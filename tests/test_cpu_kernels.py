@@ -14,8 +14,8 @@ from torch import nn
 from builder.convert.plugins import CPU_VARIANTS, PLUGINS, compile_cpu_kernels, cpu_library
 from builder.runtime.decode import Decoder
 from builder.runtime.engine import Engine
-from builder.runtime.kernel_linear import MAX_ROWS, KernelLinear, use_kernel_linears
-from builder.runtime.kernels import CPU_SIGNATURES, CpuKernels
+from builder.network.kernel_linear import MAX_ROWS, KernelLinear, use_kernel_linears
+from builder.network.kernels import CPU_SIGNATURES, CpuKernels
 from builder.runtime.paged_kv import DecodeBatch
 from builder.runtime.sampling import SamplingParams
 

@@ -28,7 +28,7 @@ from builder.format.config import PyramidSchedule
 from builder.format.errors import ExportError
 from builder.format.manifest import read_manifest
 from builder.runtime.engine import Engine
-from builder.runtime.kernel_linear import use_kernel_linears
+from builder.network.kernel_linear import use_kernel_linears
 from builder.runtime.sampling import SamplingParams
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None

@@ -9,7 +9,7 @@ from reference import Reference
 from builder.runtime.decode import batch_buckets
 from builder.runtime.engine import Engine
 from builder.runtime.sampling import SamplingParams
-from builder.runtime.vision import largest_pinpoint
+from builder.network.vision import largest_pinpoint
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]

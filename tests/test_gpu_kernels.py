@@ -7,9 +7,9 @@ from conftest import CUDA_ARCH, CUDA_KERNELS_MISSING
 from reference import paged_decode_reference, random_paged_batch
 
 from builder.convert.plugins import compile_plugins
-from builder.runtime import pyramid
+from builder.network import pyramid
 from builder.runtime.engine import Engine
-from builder.runtime.kernels import Kernels
+from builder.network.kernels import Kernels
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(CUDA_ARCH is None, reason="no CUDA device on this machine"),

@@ -13,7 +13,7 @@ from recorder import Recorder
 
 from builder.runtime.decode import Decoder, padded
 from builder.runtime.engine import Engine
-from builder.runtime.kernels import CpuKernels
+from builder.network.kernels import CpuKernels
 from builder.runtime.paged_kv import SequenceKV
 from builder.runtime.sampling import SamplingParams
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from builder.format.errors import InputError
-from builder.runtime.keep_map import CAPTION_H, DROPPED, GAP, MARGIN, PANEL_W, draw_keep_map
+from builder.network.keep_map import CAPTION_H, DROPPED, GAP, MARGIN, PANEL_W, draw_keep_map
 
 W, H = 300, 200
 VW, VH = PANEL_W, round(H * PANEL_W / W)  # the view size for a wide image

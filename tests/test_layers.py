@@ -1,7 +1,9 @@
 """The layers hold: every module's imports, read with ast (nothing is imported), against the rule
 
-    format  <-  runtime  <-  convert, export  <-  serve  <-  cli
-    client: format only, no torch         fidelity: format, runtime, convert, export
+    format  <-  network  <-  runtime  <-  convert, export  <-  serve  <-  cli
+    network: the torch modules, the PyramidDrop rule, the kernels' binding; never the engine over time
+    runtime: the engine over time (load, scheduler, paged KV, prefix cache, decode runners, sampling)
+    client: format only, no torch         fidelity: format, network, runtime, convert, export
     the Triton model: only `builder`'s public API (builder.__all__)
 
 and, run for real in a subprocess, that a client loads no torch and a loaded engine no build code.
@@ -22,14 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # layer -> the layers (of builder.*) its modules may import
 ALLOWED = {
     "format": {"format"},
-    "runtime": {"format", "runtime"},
-    "convert": {"format", "runtime", "convert", "export"},
-    "export": {"format", "runtime", "convert", "export"},
-    "serve": {"format", "runtime", "serve"},
+    "network": {"format", "network"},
+    "runtime": {"format", "network", "runtime"},
+    "convert": {"format", "network", "runtime", "convert", "export"},
+    "export": {"format", "network", "runtime", "convert", "export"},
+    "serve": {"format", "network", "runtime", "serve"},
     "client": {"format", "client"},
     "frontend": {"format", "client", "frontend"},
-    "fidelity": {"format", "runtime", "convert", "export", "fidelity"},
-    "cli": {"api", "format", "runtime", "convert", "export", "serve", "frontend", "cli"},
+    "fidelity": {"format", "network", "runtime", "convert", "export", "fidelity"},
+    "cli": {"api", "format", "network", "runtime", "convert", "export", "serve", "frontend", "cli"},
     "api": {"api", "format"},  # builder/__init__.py: the rest of the API is loaded lazily (checked below)
 }
 # third-party packages a layer may not import
@@ -91,7 +94,7 @@ def violations(path: str, source: str, own: str | None = None) -> list[str]:
         if top in BANNED.get(own, ()):
             found.append(f"{where} ({own} -> {top})")
         target_layer = layer(target)
-        # `from builder.runtime import pyramid` names a module of that package
+        # `from builder.network import pyramid` names a module of that package
         if target_layer is not None and target_layer not in ALLOWED[own]:
             found.append(f"{where} ({own} -> {target_layer})")
     return found
@@ -114,13 +117,16 @@ def test_every_builder_module_belongs_to_a_layer():
 
 @pytest.mark.parametrize("path,source,edge", [
     ("builder/runtime/engine.py", "from ..convert.build import build_engine\n", "(runtime -> convert)"),
-    ("builder/runtime/model.py", "from builder.fidelity import train\n", "(runtime -> fidelity)"),
-    ("builder/runtime/vision.py", "from ..serve.protocol import parse_request\n", "(runtime -> serve)"),
-    ("builder/runtime/vision.py", "from ..export import vision_onnx\n", "(runtime -> export)"),
+    ("builder/network/model.py", "from builder.fidelity import train\n", "(network -> fidelity)"),
+    ("builder/network/model.py", "from ..runtime.paged_kv import BlockPool\n", "(network -> runtime)"),
+    ("builder/network/attention.py", "from builder.runtime import scheduler\n", "(network -> runtime)"),
+    ("builder/network/vision.py", "from ..serve.protocol import parse_request\n", "(network -> serve)"),
+    ("builder/network/vision.py", "from ..export import vision_onnx\n", "(network -> export)"),
+    ("builder/runtime/scheduler.py", "from ..serve.protocol import parse_request\n", "(runtime -> serve)"),
     ("builder/format/config.py", "import torch\n", "(format -> torch)"),
-    ("builder/format/manifest.py", "from ..runtime.rope import Rope\n", "(format -> runtime)"),
+    ("builder/format/manifest.py", "from ..network.rope import Rope\n", "(format -> network)"),
     ("builder/client/grpc.py", "import torch.nn\n", "(client -> torch)"),
-    ("builder/client/grpc.py", "from ..runtime.images import load_image\n", "(client -> runtime)"),
+    ("builder/client/grpc.py", "from ..network.images import load_image\n", "(client -> network)"),
     ("builder/serve/protocol.py", "from ..fidelity.task import render\n", "(serve -> fidelity)"),
     (TRITON_MODEL, "from builder.runtime.engine import Engine\n", "public API"),
     (TRITON_MODEL, "from builder import Engine, _LAZY\n", "public API"),
@@ -135,7 +141,7 @@ def test_the_check_names_each_forbidden_edge(path, source, edge):
 
 
 def test_the_public_api_loads_lazily_from_allowed_layers():
-    assert {layer(f"builder.{m}") for m in builder._LAZY.values()} <= {"runtime", "format", "serve"}
+    assert {layer(f"builder.{m}") for m in builder._LAZY.values()} <= {"network", "runtime", "format", "serve"}
     assert all(hasattr(builder, name) for name in builder.__all__)
 
 
@@ -147,14 +153,15 @@ def run_python(code: str) -> str:
 
 def test_a_client_loads_no_torch_and_no_runtime():
     loaded = run_python("import sys, builder.client.grpc; "
-                        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('builder.runtime')))")
+                        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('builder.runtime', "
+                        "'builder.network'))))")
     assert loaded == "[]"
 
 
 def test_loading_an_engine_loads_no_build_serve_or_training_code(engine_dir):
     loaded = run_python(f"import sys; from builder import Engine; Engine.load({str(engine_dir)!r}, device='cpu'); "
                         "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('builder.')}))")
-    assert loaded == "['format', 'runtime']"
+    assert loaded == "['format', 'network', 'runtime']"
 
 
 def test_the_plugins_include_no_torch():

@@ -11,7 +11,7 @@ from builder.format.errors import EngineError, InputError
 from builder.runtime.engine import Engine
 from builder.runtime.memory_plan import GiB, MemoryPlan, largest_work
 from builder.runtime.paged_kv import BlockPool
-from builder.runtime.vision import largest_image_tokens
+from builder.network.vision import largest_image_tokens
 
 KiB = 1024
 

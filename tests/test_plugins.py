@@ -23,7 +23,7 @@ from builder.convert.plugins import (
 )
 from builder.format.errors import ConfigError, PdropError
 from builder.runtime.engine import Engine
-from builder.runtime.kernels import ABI_VERSION, SIGNATURES, STATUS_CUDA_ERROR, Kernels
+from builder.network.kernels import ABI_VERSION, SIGNATURES, STATUS_CUDA_ERROR, Kernels
 
 pytestmark = pytest.mark.skipif(find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")
 

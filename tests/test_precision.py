@@ -1,4 +1,4 @@
-"""The precision policy (runtime.precision) on both kinds of CPU, whatever this one is, and the
+"""The precision policy (network.precision) on both kinds of CPU, whatever this one is, and the
 default path held to the fp32 reference with stated tolerances.
 
 The exactness tests elsewhere pin float32 (conftest builds with an explicit --dtype float32, which
@@ -17,9 +17,9 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 from builder.cli import main
 from builder.client.grpc import infer, request_inputs
 from builder.format.errors import InputError
-from builder.runtime import precision
+from builder.network import precision
 from builder.runtime.engine import Engine
-from builder.runtime.precision import resolve_dtype
+from builder.network.precision import resolve_dtype
 from builder.runtime.sampling import SamplingParams
 from builder.serve.launcher import TritonServer
 from builder.serve.package import package_repo

@@ -7,8 +7,8 @@ from conftest import DEMO_LAYERS, prefilled
 from reference import Reference, authors_count
 
 from builder.format.config import LLMConfig, PyramidSchedule
-from builder.runtime.flops import paper_flops
-from builder.runtime.pyramid import select
+from builder.network.flops import paper_flops
+from builder.network.pyramid import select
 from builder.runtime.sampling import SamplingParams
 
 PROMPT = "USER: <image>\nWhich shape is red? ASSISTANT:"

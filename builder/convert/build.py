@@ -86,7 +86,7 @@ def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tupl
     """The libraries to ship ('auto': when nvcc is there or the cache holds a build of these sources,
     'on': required, 'off') and their record: the kernels, and the TensorRT plugin where TensorRT
     headers are found."""
-    from ..runtime.kernels import ABI_VERSION
+    from ..network.kernels import ABI_VERSION
     from .plugins import (
         DEFAULT_ARCHS,
         KERNELS,
@@ -119,7 +119,7 @@ def plugin_libraries(mode: str, archs: list[str] | None, progress: bool) -> tupl
 def cpu_kernel_libraries(mode: str, progress: bool) -> tuple[list[Path], dict]:
     """The CPU decode-attention libraries to ship ('auto': when a C++ compiler is there, 'on':
     required, 'off') and their record: instruction set -> library file."""
-    from ..runtime.kernels import CPU_ABI_VERSION
+    from ..network.kernels import CPU_ABI_VERSION
     from .plugins import CPU_KERNELS, compile_cpu_kernels, find_cxx
 
     if mode not in ("auto", "on", "off"):
@@ -153,7 +153,7 @@ def build_engine(ckpt: Checkpoint, output: str | Path, schedule: PyramidSchedule
                  cpu_kernels: str = "auto") -> tuple[Manifest, int]:
     """Convert `ckpt` into an engine directory at `output`, with the `exports` named (EXPORTS).
     `dtype` "auto" stores the checkpoint's dtype and lets the runtime choose what runs
-    (runtime.precision); a DTYPES name is stored and run on every device. Returns the manifest and
+    (network.precision); a DTYPES name is stored and run on every device. Returns the manifest and
     parameter count."""
     llm = ckpt.llm
     limits.validate(llm, ckpt.sliding_window)

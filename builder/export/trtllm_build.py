@@ -18,7 +18,7 @@ from pathlib import Path
 from ..format.atomic import staging_dir
 from ..format.errors import ExportError
 from ..format.manifest import Manifest
-from ..runtime.vision import largest_image_tokens
+from ..network.vision import largest_image_tokens
 from .trtllm_checkpoint import CHECKPOINT_DIR
 from .vision_onnx import INPUT, VISION_DIR
 

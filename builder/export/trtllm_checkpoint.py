@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..format.config import LLMConfig, PyramidSchedule
 from ..format.manifest import LLM_WEIGHTS
-from ..runtime.model import Transformer
+from ..network.model import Transformer
 
 CHECKPOINT_DIR = "trtllm-checkpoint"
 RANK0 = "rank0.safetensors"  # tp_size = pp_size = 1: one rank

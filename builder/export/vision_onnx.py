@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..format.errors import ExportError
 from ..format.manifest import VISION_WEIGHTS
-from ..runtime.vision import VisionEncoder, max_tiles
+from ..network.vision import VisionEncoder, max_tiles
 
 VISION_DIR = "vision"
 OPSET = 17

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..format.config import PyramidSchedule
 from ..runtime.engine import Engine, Request
-from ..runtime.flops import full_flops, paper_flops
+from ..network.flops import full_flops, paper_flops
 from ..runtime.sampling import SamplingParams
 from .task import Example, render
 from .train import IMAGE, PROMPT

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from ..convert.build import vision_spec
 from ..export.hf_checkpoint import save_hf_checkpoint
 from ..format.config import LLMConfig, PyramidSchedule
-from ..runtime import pyramid
-from ..runtime.model import Transformer
-from ..runtime.vision import VisionEncoder, merge
+from ..network import pyramid
+from ..network.model import Transformer
+from ..network.vision import VisionEncoder, merge
 from .pretrain import pretrain_tower
 from .task import COLOURS, NUMBERS, PREFIXES, SHAPES, Example, dataset, descriptions, render
 

@@ -44,7 +44,7 @@ class Manifest:
     files: dict[str, str]
     plugins: dict = field(default_factory=dict)  # {"library", "kernels", "archs", "abi_version"} or {"reason"}
     exports: dict = field(default_factory=dict)  # "onnx" / "trtllm-checkpoint" -> what was written and verified
-    precision: str = "auto"  # what the build asked to run in: a dtype, or "auto" (runtime.precision)
+    precision: str = "auto"  # what the build asked to run in: a dtype, or "auto" (network.precision)
     builder_version: str = __version__
     format_version: int = FORMAT_VERSION
 

@@ -3,7 +3,7 @@ and CUDA-graph replay of either (CUDA, with the engine's kernels).
 
 A step is a function of device tensors only (tokens, block tables, lengths, offsets: DecodeBatch),
 so it can be compiled and captured. Compiled, the small ops between the kernels (norms, RoPE,
-residuals, the KV writes) fuse; the kernels stay ops of the graph (runtime.kernels); shapes are
+residuals, the KV writes) fuse; the kernels stay ops of the graph (network.kernels); shapes are
 dynamic (batch rows, each layer's table width), so one compile serves every step.
 
 The graph runner keeps one graph per batch bucket, every layer's table as wide as max_seq_len: the
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .model import Transformer
+from ..network.model import Transformer
 from .paged_kv import DecodeBatch, SequenceKV, widest
 
 

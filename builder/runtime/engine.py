@@ -27,17 +27,17 @@ from ..format.config import PyramidSchedule
 from ..format.errors import EngineError, InputError, first_line
 from ..format.manifest import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
 from .decode import Decoder, GraphDecoder
-from .images import load_image
-from .model import Transformer
-from .kernel_linear import use_kernel_linears
+from ..network.images import load_image
+from ..network.model import Transformer
+from ..network.kernel_linear import use_kernel_linears
 from .memory_plan import DEFAULT_FRACTION, plan_memory
 from .paged_kv import BlockPool
-from .precision import resolve_dtype
+from ..network.precision import resolve_dtype
 from .prefix_cache import PrefixCache, image_key
-from .rope import Rope
+from ..network.rope import Rope
 from .sampling import SamplingParams
 from .scheduler import Delta, Result, Scheduler
-from .vision import VisionEncoder, merge
+from ..network.vision import VisionEncoder, merge
 
 IMAGE = "<image>"
 
@@ -88,7 +88,7 @@ def load_kernels(path: Path, manifest, device: torch.device):
         warnings.warn(f"pdrop: engine has no CUDA kernels ({manifest.plugins.get('reason', 'not built')}); "
                       "the drop and decode attention run on torch ops, decode without CUDA graphs", stacklevel=3)
         return None
-    from .kernels import Kernels
+    from ..network.kernels import Kernels
 
     return Kernels(path / library)
 
@@ -96,7 +96,7 @@ def load_kernels(path: Path, manifest, device: torch.device):
 def load_cpu_kernels(path: Path, manifest, dtype: torch.dtype):
     """The engine's CPU decode kernels for this CPU's instruction set and `dtype`; else None (torch
     ops), said once."""
-    from .kernels import CpuKernels
+    from ..network.kernels import CpuKernels
 
     if dtype not in CpuKernels.dtypes:
         warnings.warn(f"pdrop: the CPU kernels take float32 and bfloat16; {dtype} decode runs on torch ops",
@@ -127,7 +127,7 @@ class Engine:
         # no token stands for more prompt bytes than its vocabulary string takes (spaces and raw
         # bytes are spelled longer there), so a prompt longer than this many bytes a token is too long
         self.max_token_bytes = max(len(t.encode()) for t in self.tokenizer.get_vocab())
-        self.dtype = llm.tok_embeddings.weight.dtype  # runtime.precision chose it
+        self.dtype = llm.tok_embeddings.weight.dtype  # network.precision chose it
         cfg, limits = manifest.llm, manifest.limits
         if block_size < 1 or (kv_cache_tokens is not None and kv_cache_tokens < 1):
             raise InputError(f"kv_cache_tokens and block_size must be positive, got {kv_cache_tokens} and {block_size}")
@@ -191,7 +191,7 @@ class Engine:
              kv_cache_memory_fraction: float | None = None, compiled: bool = False,
              prefix_cache_tokens: int | None = None) -> "Engine":
         """Load an engine directory; `dtype` (float32, float16, bfloat16) is the precision it runs
-        in, by default what the build chose (runtime.precision); `verify`
+        in, by default what the build chose (network.precision); `verify`
         checks every file's sha256 against the manifest;
         `cuda_graphs` replays decode steps from CUDA graphs on a CUDA device with the engine's
         kernels, one per batch bucket, all captured here; `compiled` runs them through torch.compile

@@ -19,8 +19,8 @@ import torch
 from ..format.errors import EngineError
 from .decode import no_tokens, padded
 from .paged_kv import BlockPool, SequenceKV
-from .pyramid import ImageSpan
-from .vision import VisionEncoder, largest_pinpoint
+from ..network.pyramid import ImageSpan
+from ..network.vision import VisionEncoder, largest_pinpoint
 
 GiB = 1 << 30
 DEFAULT_FRACTION = 0.9  # TensorRT-LLM's free_gpu_memory_fraction and vLLM's gpu_memory_utilization

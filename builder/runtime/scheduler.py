@@ -32,10 +32,10 @@ from tokenizers.decoders import DecodeStream
 
 from ..format.config import SCHEDULERS
 from ..format.errors import EngineError, InputError, PdropError, first_line
-from . import flops
+from ..network import flops
 from .paged_kv import BlockPool, SequenceKV, blocks_needed, layer_lengths
 from .prefix_cache import Entry, Key, PrefixCache
-from .pyramid import ImageSpan
+from ..network.pyramid import ImageSpan
 from .sampling import Sampler, SamplingParams
 from .stop_words import StopWords
 

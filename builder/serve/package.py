@@ -43,7 +43,7 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
     `gpus`: `instances` instances on each of these GPUs (KIND_GPU), each loading the engine on its
     own GPU (instance_device). `prefix_cache_tokens`: the prefix cache's token slots per layer (None:
     the engine's default; 0: off). `dtype`: the precision to run in ("auto": what the build chose,
-    runtime.precision)."""
+    network.precision)."""
     engine, output = Path(engine).resolve(), Path(output).resolve()
     manifest = read_manifest(engine, verify=True)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", model_name):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..format.config import LLMConfig, PyramidSchedule
 from . import pyramid
-from .paged_kv import BlockPool, DecodeBatch, NoCache, PagedLayerKV, SequenceKV
+from .attention import NoCache, PagedLayerKV
 from .rope import Rope, apply_rope
 
 
@@ -88,11 +88,12 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, max_seq_len)
-        self.kernels = None  # runtime.kernels.Kernels on CUDA when the engine ships them
+        self.kernels = None  # network.kernels.Kernels on CUDA when the engine ships them
         self.decode_kernels = None  # the paged decode attention: Kernels on CUDA, CpuKernels on the CPU
 
     def attach(self, pool: BlockPool) -> None:
-        """Every layer's attention reads and writes its keys and values through `pool`."""
+        """Every layer's attention reads and writes its keys and values through `pool` (the runtime's
+        paged_kv.BlockPool)."""
         for i, layer in enumerate(self.layers):
             layer.attention.kv_cache = PagedLayerKV(pool, i, self.decode_kernels)
 

@@ -16,7 +16,7 @@ MAX_ROWS = 8  # the decode batch sizes measured; more rows go to the GEMM
 
 
 class KernelLinear(nn.Linear):
-    """An nn.Linear (same parameters, same state dict) with `kernels`, a runtime.kernels.CpuKernels."""
+    """An nn.Linear (same parameters, same state dict) with `kernels`, a network.kernels.CpuKernels."""
 
     kernels = None
 
