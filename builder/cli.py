@@ -175,7 +175,7 @@ def cmd_serve(args) -> int:
             from .frontend.server import OpenAIServer
 
             openai = frontend.enter_context(OpenAIServer(server.grpc_url, server.models()[0], args.host,
-                                                         args.openai_port))
+                                                         args.openai_port, args.max_request_bytes))
             metrics += f", OpenAI API {openai.url}"
         print(f"serving {', '.join(server.models())} on grpc://{server.grpc_url} "
               f"(http://{server.host}:{server.http_port}{metrics}); Ctrl-C stops", flush=True)
@@ -292,6 +292,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--openai-port", type=int, default=0,
                    help="also serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) "
                         "on this port, a gRPC client of the server (default 0: off)")
+    s.add_argument("--max-request-bytes", type=int,
+                   help="OpenAI API: larger request bodies get 413, before any of them is decoded (default: an "
+                        "image of the engine's --max-image-pixels at one byte a pixel, base64, plus 1 MiB)")
     s.add_argument("--metrics-port", type=int, default=8002,
                    help="Prometheus metrics at http://HOST:PORT/metrics, tensorrtllm_backend's families (0: off)")
     s.add_argument("--log-file", help="tritonserver's log (default: discarded)")

@@ -1,6 +1,8 @@
 """The OpenAI-compatible frontend against a real tritonserver, driven by the real `openai` package."""
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 import urllib.request
@@ -12,6 +14,8 @@ from conftest import make_image
 from prometheus_client.parser import text_string_to_metric_families
 
 from builder.client.grpc import data_url
+from builder.format.manifest import read_manifest
+from builder.frontend.openai_api import body_limit
 from builder.frontend.server import OpenAIServer
 from builder.serve.launcher import TritonServer, free_port
 from builder.serve.package import package_repo
@@ -34,6 +38,13 @@ def client(served):
 
 def offline_chat(engine, question, image, n):
     return engine.generate([engine.chat_prompt(question, image is not None)], [image], max_new_tokens=n)[0]
+
+
+def typed(messages: list[dict]):
+    """Chat messages as the frontend parses them."""
+    from builder.frontend.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate({"messages": messages}).messages
 
 
 def chat_messages(question, image):
@@ -96,7 +107,7 @@ def test_concurrent_streams_do_not_mix(served, engine, images):
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}],
      400, "never fetches"),
     ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], 400, "unsupported content part"),
-    ([], 400, "non-empty list"),
+    ([], 400, "messages: List should have at least 1 item"),
 ])
 def test_bad_requests_get_openai_errors(client, messages, status, message):
     with pytest.raises(openai.APIStatusError) as e:
@@ -105,8 +116,8 @@ def test_bad_requests_get_openai_errors(client, messages, status, message):
 
 
 def test_errors_from_the_model_come_back_as_400(client):
-    with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
-        client.completions.create(model="pdrop", prompt="hi", max_tokens=4, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match=r"exceeds this engine's max_seq_len \(2048\)"):
+        client.completions.create(model="pdrop", prompt="hi", max_tokens=5000)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.completions.create(model="gpt-4o", prompt="hi", max_tokens=4)
 
@@ -143,7 +154,7 @@ def test_a_checkpoint_without_a_chat_template_is_refused_by_name(engine_dir):
     tokenizer = AutoTokenizer.from_pretrained(engine_dir)
     tokenizer.chat_template = None
     with pytest.raises(ApiError, match="no chat template"):
-        chat_prompt(tokenizer, chat_messages(QUESTION, make_image(60, 80)))
+        chat_prompt(tokenizer, typed(chat_messages(QUESTION, make_image(60, 80))))
 
 
 def test_a_conversation_renders_every_role_with_the_template(engine_dir):
@@ -151,7 +162,110 @@ def test_a_conversation_renders_every_role_with_the_template(engine_dir):
 
     from builder.frontend.openai_api import chat_prompt
 
-    prompt, image = chat_prompt(AutoTokenizer.from_pretrained(engine_dir), [
+    prompt, image = chat_prompt(AutoTokenizer.from_pretrained(engine_dir), typed([
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}, {"role": "user", "content": "Again"}])
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}, {"role": "user", "content": "Again"}]))
     assert prompt == "Be brief. USER: Hi ASSISTANT: Hello</s>USER: Again ASSISTANT:" and image is None
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def post(url: str, body: bytes | dict, timeout: float | httpx.Timeout = 60) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{url}/chat/completions", content=content, headers={"content-type": "application/json"},
+                      timeout=timeout)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"messages": HI, "seed": 2 ** 70}, 400, "seed: Input should be less than or equal to 18446744073709551615"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "not valid JSON"),
+    (b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "recursion limit exceeded"),
+    ({"messages": HI, "stream": True, "stream_options": True}, 400, "stream_options: Input should be an object"),
+    ({"messages": HI, "max_tokens": 2 ** 31}, 400, "max_tokens: Input should be less than or equal to 2147483647"),
+    ({"messages": HI, "max_tokens": 0}, 400, "max_tokens: Input should be greater than or equal to 1"),
+    ({"messages": HI, "max_tokens": True}, 400, "max_tokens: Input should be a valid integer"),
+    ({"messages": HI, "n": 2}, 400, "n: Input should be less than or equal to 1"),
+    ({"messages": HI, "logprobs": True}, 400, "unsupported field 'logprobs'"),
+    ({"messages": HI, "top_logprobs": 2}, 400, "unsupported field 'top_logprobs'"),
+    ({"messages": HI, "response_format": {"type": "json_object"}}, 400, "unsupported field 'response_format'"),
+    ({"messages": HI, "tools": []}, 400, "unsupported field 'tools'"),
+    ({"messages": HI, "logit_bias": {"1": 5}}, 400, "unsupported field 'logit_bias'"),
+    ({"messages": HI, "temperature": "hot"}, 400, "temperature: Input should be a valid number"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
+    (b"not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+    ({"messages": HI, "model": "gpt-4o"}, 404, "not served here"),
+])
+def test_hostile_bodies_get_openai_errors_and_the_server_goes_on(served, body, status, message):
+    r = post(served[1].url, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["type"] and "\n" not in error["message"]
+    ok = post(served[1].url, {"messages": HI, "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(served):
+    """A declared 100 MB body is refused from its header; a chunked one once past the limit."""
+    url = served[1].url
+    limit = body_limit(read_manifest(served_engine(served), verify=False).limits.max_image_pixels)
+    with socket.create_connection(("127.0.0.1", int(url.split(":")[2].split("/")[0])), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: 100000000\r\n\r\n{\"messages\": ")
+        reply = b""
+        while b'"}}' not in reply and (chunk := s.recv(65536)):
+            reply += chunk
+    head, _, body = reply.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 413") and "at most" in json.loads(body)["error"]["message"]
+
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(limit // (1 << 20) + 2):
+            yield b"a" * (1 << 20)
+        yield b'"}]}'
+
+    r = httpx.post(f"{url}/chat/completions", content=chunks(), timeout=60)
+    assert r.status_code == 413 and f"over {limit} bytes" in r.json()["error"]["message"]
+    assert post(url, {"messages": HI, "max_tokens": 2}).status_code == 200
+
+
+def served_engine(served) -> str:
+    import tritonclient.grpc as grpcclient
+
+    from builder.client.grpc import served_engine_dir
+
+    with grpcclient.InferenceServerClient(served[0].grpc_url) as c:
+        return served_engine_dir(c, "pdrop")
+
+
+def test_top_p_0_is_greedy(client, engine):
+    want = engine.generate(["USER: count to ten ASSISTANT:"], max_new_tokens=6)[0]
+    got = client.completions.create(model="pdrop", prompt="USER: count to ten ASSISTANT:", max_tokens=6, top_p=0,
+                                    temperature=1.5, seed=3)
+    assert got.choices[0].text == want.text
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_kv_blocks(served, images):
+    triton, api = served
+    body = {"model": "pdrop", "messages": chat_messages(QUESTION, images[0]), "max_tokens": 1500,
+            "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        post(api.url, body, timeout=httpx.Timeout(60, read=1.0))
+    wait_for(lambda: used_blocks(triton) == 0, "the disconnected request still holds KV blocks")
+
+
+def test_health_says_whether_the_model_can_answer(served):
+    assert httpx.get(served[1].url.removesuffix("/v1") + "/health", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("message, status", [
+    ("server busy: 64 requests queued (--max-queued-requests); retry later", 429),
+    ("the CUDA device cuda:0 is unusable after an error (x); this model refuses new requests", 503),
+    ("generation failed: OutOfMemoryError: CUDA out of memory.", 500),
+    ("temperature must be >= 0, got -1.0", 400),
+])
+def test_the_models_errors_keep_their_meaning_over_http(message, status):
+    from builder.frontend.openai_api import model_error
+
+    assert model_error(message).status == status

@@ -127,6 +127,48 @@ def test_a_client_image_id_names_the_image(engine_dir, plain):
     assert got.token_ids == solo(plain, prompt(QUESTIONS[2]), image, params, 0.5).token_ids
 
 
+def test_a_client_image_id_never_answers_from_another_image(engine_dir, plain):
+    """The same id sent with other pixels (same size, then another size): a miss, answered from its
+    own image, never from the entry of the image the id first came with."""
+    engine = Engine.load(engine_dir, device="cpu")
+    params = SamplingParams(max_new_tokens=5)
+    first, same_size, other_size = make_image(300, 400, seed=4), make_image(300, 400, seed=9), make_image(90, 60)
+    solo(engine, prompt(QUESTIONS[0]), first, params, 0.5, image_id=7)
+    for image in (same_size, other_size):
+        got = solo(engine, prompt(QUESTIONS[1]), image, params, 0.5, image_id=7)
+        assert got.token_ids == solo(plain, prompt(QUESTIONS[1]), image, params, 0.5).token_ids
+    assert engine.prefix_cache.stats.hits == 0 and engine.prefix_cache.stats.misses == 3
+
+
+def test_a_failure_while_an_entry_is_made_fails_its_request_and_frees_every_block(engine_dir, monkeypatch):
+    from builder.runtime import prefix_cache
+
+    engine = Engine.load(engine_dir, device="cpu")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("host copy failed")
+
+    monkeypatch.setattr(prefix_cache, "Entry", broken)
+    events = []
+    engine.submit(engine.prepare(prompt(QUESTIONS[0]), make_image(300, 400, seed=6), SamplingParams(5), 0.5),
+                  events.append)
+    while not events or events[-1].__class__.__name__ == "Delta" and events[-1].result is None:
+        engine.scheduler.step()
+    assert "generation failed: RuntimeError: host copy failed" in str(events[-1])
+    assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks and not engine.prefix_cache.entries
+
+
+def test_an_image_the_processor_refuses_is_one_input_error(engine_dir, monkeypatch):
+    engine = Engine.load(engine_dir, device="cpu")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("unsupported image mode\nmore detail")
+
+    monkeypatch.setattr(engine, "processor", refuse)
+    with pytest.raises(InputError, match=r"^cannot preprocess the request: ValueError: unsupported image mode$"):
+        engine.prepare(prompt(QUESTIONS[0]), make_image(30, 40), SamplingParams(5), 0.5)
+
+
 def test_an_entry_in_use_is_never_evicted(engine_dir):
     engine = Engine.load(engine_dir, device="cpu")
     cache = engine.prefix_cache

@@ -9,17 +9,35 @@ gRPC stream, so the model retires the request and frees its KV blocks at the nex
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 
 import tritonclient.grpc.aio as grpcaio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..client.grpc import request_inputs, tensor
+from .protocol import ChatCompletionRequest, CompletionRequest, Message, parse
 
 DEFAULT_MAX_TOKENS = 256
+# what the model's error lines start with -> (HTTP status, OpenAI error type); the rest are 400s
+MODEL_ERRORS = {"server busy": (429, "rate_limit_error"), "generation failed": (500, "server_error"),
+                "the CUDA device": (503, "service_unavailable_error")}
+
+
+def model_error(message: str) -> "ApiError":
+    """The model's one-line error as OpenAI's: a bad request unless its first words say otherwise
+    (SDKs retry 429 and 503, not 400)."""
+    status, kind = next((v for k, v in MODEL_ERRORS.items() if message.startswith(k)), (400, "invalid_request_error"))
+    return ApiError(status, message, kind)
+
+
+def body_limit(max_image_pixels: int) -> int:
+    """Bytes a request body may have by default: an image at one byte a pixel (compressed photos
+    take less), base64-encoded, and 1 MiB of text."""
+    return max_image_pixels * 4 // 3 + (1 << 20)
 
 
 class ApiError(Exception):
@@ -32,61 +50,45 @@ def error_body(message: str, kind: str) -> dict:
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-def chat_prompt(tokenizer, messages) -> tuple[str, str | None]:
-    """OpenAI chat messages -> (prompt rendered with the checkpoint's chat template, the image's data URL)."""
+def chat_prompt(tokenizer, messages: list[Message]) -> tuple[str, str | None]:
+    """Parsed chat messages -> (prompt rendered with the checkpoint's chat template, the image's data URL)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this checkpoint has no chat template: use /v1/completions with a raw prompt")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list")
     rendered, images = [], []
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ApiError(400, "each message needs a role: system, user or assistant")
-        content = m.get("content")
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if not isinstance(parts, list):
-            raise ApiError(400, "message content must be a string or a list of parts")
+        if isinstance(m.content, str):
+            rendered.append({"role": m.role, "content": [{"type": "text", "text": m.content}]})
+            continue
         out = []
-        for part in parts:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                out.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
-                url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
-                if not isinstance(url, str) or not url.startswith("data:"):
-                    raise ApiError(400, "image_url must be a data: URL (data:image/...;base64,...): "
-                                        "this server never fetches remote images")
-                images.append(url)
-                out.append({"type": "image"})
-            else:
-                raise ApiError(400, f"unsupported content part {kind!r}: text and image_url are supported")
-        rendered.append({"role": m["role"], "content": out})  # parts, as multimodal processors' templates read them
+        for part in m.content:
+            if part.type == "text":
+                out.append({"type": "text", "text": part.text})
+                continue
+            if not part.image_url.url.startswith("data:"):
+                raise ApiError(400, "image_url must be a data: URL (data:image/...;base64,...): "
+                                    "this server never fetches remote images")
+            images.append(part.image_url.url)
+            out.append({"type": "image"})
+        rendered.append({"role": m.role, "content": out})  # parts, as multimodal processors' templates read them
     if len(images) > 1:
         raise ApiError(400, f"one image per request is supported, got {len(images)}")
     prompt = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
     return prompt, images[0] if images else None
 
 
-def sampling(body: dict) -> tuple[int, list[str], dict]:
-    """max_tokens, stop strings and the model's optional inputs from an OpenAI request body."""
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "n must be 1: one answer per request")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or DEFAULT_MAX_TOKENS
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(max_tokens, int) or not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, "max_tokens must be an integer and stop a string or a list of strings")
-    optional = {"temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
-                "presence_penalty": body.get("presence_penalty", 0.0),
-                "frequency_penalty": body.get("frequency_penalty", 0.0)}
-    # vLLM's extensions of the same meaning
-    for name, value in (("seed", body.get("seed")), ("min_tokens", body.get("min_tokens")),
-                        ("end_id", -1 if body.get("ignore_eos") else None)):
-        if value is not None:
-            optional[name] = value
-    for name, value in optional.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ApiError(400, f"{name} must be a number")
+def sampling(req: ChatCompletionRequest | CompletionRequest) -> tuple[int, list[str], dict]:
+    """max_tokens, stop strings and the model's optional inputs from a parsed request; top_p 0 is
+    greedy, as in vLLM (the model reads top_p 0 as "off")."""
+    max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    greedy = req.top_p == 0
+    optional = {"temperature": 0.0 if greedy else req.temperature, "top_p": 1.0 if greedy else req.top_p,
+                "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+                "min_tokens": req.min_tokens}
+    if req.seed is not None:
+        optional["seed"] = req.seed
+    if req.ignore_eos:
+        optional["end_id"] = -1
     return max_tokens, stop, optional
 
 
@@ -94,9 +96,17 @@ class Frontend:
     def __init__(self, grpc_url: str, model: str, tokenizer):
         self.grpc_url, self.model, self.tokenizer = grpc_url, model, tokenizer
 
-    async def generate(self, prompt: str, image: str | None, body: dict):
+    async def ready(self) -> bool:
+        """The Triton server live and the model loaded."""
+        try:
+            async with grpcaio.InferenceServerClient(self.grpc_url) as client:
+                return await client.is_server_live() and await client.is_model_ready(self.model)
+        except Exception:  # unreachable: not ready, whatever the error
+            return False
+
+    async def generate(self, prompt: str, image: str | None, req: ChatCompletionRequest | CompletionRequest):
         """Yield (text delta, final outputs or None) from the served model, one per token."""
-        max_tokens, stop, optional = sampling(body)
+        max_tokens, stop, optional = sampling(req)
         inputs = request_inputs(prompt, max_tokens, None, stream=True, stop_words=stop, **optional)
         if image is not None:
             inputs.append(tensor("image_url_input", [image]))
@@ -106,11 +116,8 @@ class Frontend:
 
         async with grpcaio.InferenceServerClient(self.grpc_url) as client:
             async for result, error in client.stream_infer(requests()):
-                if error is not None:  # the model's one-line error: a bad request, unless generation failed
-                    message = error.message() if hasattr(error, "message") else str(error)
-                    failed = message.startswith("generation failed")
-                    raise ApiError(500 if failed else 400, message, "server_error" if failed else
-                                   "invalid_request_error")
+                if error is not None:
+                    raise model_error(error.message() if hasattr(error, "message") else str(error))
                 text = result.as_numpy("text_output").reshape(-1)[0].decode()
                 finish = result.as_numpy("finish_reason")
                 finish = finish.reshape(-1)[0].decode() if finish is not None else ""
@@ -122,59 +129,69 @@ class Frontend:
                     return
 
 
-def create_app(frontend: Frontend) -> FastAPI:
+def create_app(frontend: Frontend, max_body_bytes: int) -> FastAPI:
     app = FastAPI(title="pdrop OpenAI-compatible API")
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
         return JSONResponse(error_body(str(e), e.kind), status_code=e.status)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):  # a bug: still OpenAI's JSON, never a plain-text 500
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+
+    @app.get("/health")
+    async def health():  # vLLM's: 200 while the model can answer, else 503
+        return Response(status_code=200 if await frontend.ready() else 503)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": frontend.model, "object": "model", "created": 0,
                                             "owned_by": "pdrop"}]}
 
-    async def body_of(request: Request) -> dict:
+    async def body_of(request: Request, kind: type[ChatCompletionRequest | CompletionRequest]):
+        """The body, read up to max_body_bytes (413 past it, before any of it is decoded), parsed."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise ApiError(413, f"the request body is {int(declared)} bytes: at most {max_body_bytes} are taken")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise ApiError(413, f"the request body is over {max_body_bytes} bytes")
+            chunks.append(chunk)
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body must be JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        if body.get("model") not in (None, frontend.model):
-            raise ApiError(404, f"model '{body.get('model')}' is not served here: '{frontend.model}' is",
-                           "not_found_error")
-        return body
+            req = parse(kind, b"".join(chunks))
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        if req.model not in (None, frontend.model):
+            raise ApiError(404, f"model '{req.model}' is not served here: '{frontend.model}' is", "not_found_error")
+        return req
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await body_of(request)
-        prompt, image = chat_prompt(frontend.tokenizer, body.get("messages"))
-        return await answer(body, prompt, image, chat=True)
+        req = await body_of(request, ChatCompletionRequest)
+        prompt, image = chat_prompt(frontend.tokenizer, req.messages)
+        return await answer(request, req, prompt, image, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "prompt must be a non-empty string")
-        return await answer(body, prompt, None, chat=False)
+        req = await body_of(request, CompletionRequest)
+        return await answer(request, req, req.prompt, None, chat=False)
 
-    async def answer(body: dict, prompt: str, image: str | None, chat: bool):
+    async def answer(request: Request, req, prompt: str, image: str | None, chat: bool):
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         kind = "chat.completion" if chat else "text_completion"
         created = int(time.time())
-        stream = frontend.generate(prompt, image, body)
-        if not body.get("stream"):
-            text, final = [], None
-            async for delta, final in stream:
-                text.append(delta)
-            choice = ({"message": {"role": "assistant", "content": "".join(text)}} if chat
-                      else {"text": "".join(text)})
+        stream = frontend.generate(prompt, image, req)
+        if not req.stream:
+            text, final = await until_disconnected(request, collect(stream))
+            choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             return {"id": ident, "object": kind, "created": created, "model": frontend.model,
                     "choices": [{"index": 0, **choice, "finish_reason": final["finish_reason"]}],
                     "usage": usage(final)}
         first = await anext(stream)  # errors before the first token are still an HTTP status
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
 
         async def events():
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -189,16 +206,43 @@ def create_app(frontend: Frontend) -> FastAPI:
                     if final:
                         break
                     delta, final = await anext(stream)
+            except Exception as e:  # after the status went out: an error event, then the stream's end
+                status, kind_ = (e.status, e.kind) if isinstance(e, ApiError) else (500, "server_error")
+                yield f"data: {json.dumps({**error_body(str(e), kind_), 'status': status})}\n\ndata: [DONE]\n\n"
+                return
             finally:  # the client gone: closing the gRPC stream cancels the request on the server
                 await stream.aclose()
             done = {"delta": {}} if chat else {"text": ""}
             last = sse(ident, chunk_kind, created, frontend.model, {**done, "finish_reason": final["finish_reason"]},
-                       usage(final) if (body.get("stream_options") or {}).get("include_usage") else None)
+                       usage(final) if include_usage else None)
             yield last + "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+async def collect(stream) -> tuple[str, dict]:
+    """A whole answer: its text and final outputs."""
+    text, final = [], None
+    async for delta, final in stream:
+        text.append(delta)
+    return "".join(text), final
+
+
+async def until_disconnected(request: Request, work, poll_s: float = 0.25):
+    """`work`'s result; if the client goes away first, `work` is cancelled (which closes its gRPC
+    stream: the model retires the request at its next step) and so is this handler."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=poll_s)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                raise asyncio.CancelledError
+        return task.result()
+    finally:
+        task.cancel()
 
 
 def usage(final: dict) -> dict:

@@ -294,13 +294,16 @@ class Engine:
                 prompt = f"{IMAGE}\n{prompt}"
             if prompt.count(IMAGE) > 1:
                 raise InputError(f"one image per prompt: found {prompt.count(IMAGE)} {IMAGE} markers")
-            enc = self.processor(text=prompt, images=image, return_tensors="pt")
+            try:
+                enc = self.processor(text=prompt, images=image, return_tensors="pt")
+            except Exception as e:  # the image processor refusing this image refuses this request only
+                raise InputError(f"cannot preprocess the request: {type(e).__name__}: {first_line(e)}") from None
             ids = enc.input_ids[0]
             where = (ids == self.manifest.image_token_id).nonzero()[:, 0]
             req = Request(ids, params, schedule, image, enc.pixel_values[0], int(where[0]), where.numel())
-            if self.prefix_cache is not None:
-                req.image_key = (f"id:{image_id}" if image_id is not None
-                                 else image_key(req.pixel_values, (image.height, image.width)))
+            if self.prefix_cache is not None:  # a client's id names an entry; the pixels must match it too
+                req.image_key = ("" if image_id is None else f"id:{image_id}:") + image_key(
+                    req.pixel_values, (image.height, image.width))
         if req.input_ids.numel() > limit:
             raise InputError(f"prompt is {req.input_ids.numel()} tokens ({req.n_image} of them image tokens); "
                              f"this engine's max_input_len is {limit}")

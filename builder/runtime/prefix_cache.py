@@ -9,7 +9,8 @@ first stage, against the cached blocks, then joins the cached hidden states at t
 ranks with its own last token. With nothing dropped (drop 0) no layer depends on the question, and
 an entry holds the prefix in every layer.
 
-Entries are keyed by the image (a hash of its preprocessed pixels, or the client's id for it), the
+Entries are keyed by the image (a hash of its preprocessed pixels, and the client's id for it when
+it sends one: an id never stands for pixels it was not sent with), the
 prefix's token ids and the depth the entry covers. Only whole blocks are shared: the prefix is cut
 down to a multiple of the block size, and the tail is recomputed by each request. The blocks come
 from the KV pool and are shared read-only (a request writes only past them); an entry is reference
@@ -37,7 +38,7 @@ def image_key(pixel_values: torch.Tensor, size: tuple[int, int]) -> str:
 
 @dataclass(frozen=True)
 class Key:
-    image: str  # image_key(), or "id:<n>" for a client's id of the image (prompt_table_extra_id)
+    image: str  # image_key(), after "id:<n>:" when a client names the image (prompt_table_extra_id)
     prefix: tuple[int, ...]  # the prompt's token ids up to the end of the image span
     depth: int  # the layers whose blocks the entry holds: the first stage's, or all with nothing dropped
 
@@ -129,9 +130,10 @@ class PrefixCache:
         if size > self.budget or not self.evict(self.n_blocks + size - self.budget):
             return None
         blocks = [seq.tables[i, :per_layer].tolist() for i in range(key.depth)]
-        seq.shared = [per_layer if i < key.depth else 0 for i in range(self.n_layers)]
+        # the host copies first: if one fails, the blocks are still the sequence's, freed at its end
         at_boundary = None if key.depth == self.n_layers else hidden[:, :tokens].to("cpu", copy=True)
         entry = Entry(key, tokens, blocks, (features[0].cpu(), features[1]), at_boundary, users=1)
+        seq.shared = [per_layer if i < key.depth else 0 for i in range(self.n_layers)]
         self.entries[key] = entry
         return entry
 

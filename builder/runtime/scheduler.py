@@ -245,11 +245,11 @@ class Scheduler:
                 if not fits:
                     break
                 self.waiting.popleft()
-                if entry:
-                    self.cache.use(entry)
-                s.entry = entry
                 s.kv = SequenceKV.of(self.pool.allocate(need), s.blocks, entry and entry.blocks,
                                      entry.tokens if entry else 0)
+                if entry:  # pinned only once it holds the blocks that read it: a failure before pins nothing
+                    self.cache.use(entry)
+                s.entry = entry
                 self.active.append(s)
                 admitted += 1
         return admitted
@@ -288,10 +288,11 @@ class Scheduler:
         it) still counts: its blocks replace the request's own."""
         engine, req = self.engine, s.req
         if s.key and not s.entry:
-            s.entry = self.cache.get(s.key)
-            if s.entry:
-                self.pool.release(s.kv.adopt(s.entry.blocks, s.entry.tokens))
-                self.cache.use(s.entry)
+            entry = self.cache.get(s.key)
+            if entry:  # adopted, then pinned, then the request's: its end releases only what it pinned
+                self.pool.release(s.kv.adopt(entry.blocks, entry.tokens))
+                self.cache.use(entry)
+                s.entry = entry
             else:
                 self.cache.missed()
         entry, device = s.entry, engine.device

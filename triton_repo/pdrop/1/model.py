@@ -213,6 +213,8 @@ class TritonPythonModel:
                 self.engine.submit(prepared, live.on_event, is_cancelled=out.is_cancelled)
             except PdropError as e:
                 out.send(_error(str(e)))
+            except Exception as e:  # a bug: this request fails, with one line, and the batch goes on
+                out.send(_error(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
         if self.decoupled:
             return None
         for out in outs:

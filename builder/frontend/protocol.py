@@ -1,0 +1,99 @@
+"""OpenAI request bodies as typed models (pydantic, as FastAPI and vLLM's protocol.py declare them).
+
+Parsing a body is the one place where a request is refused for its shape: invalid JSON (a lone
+surrogate, nesting past pydantic's bound), a wrong type (strict: no `true` for an integer, no "1"
+for a number), a value out of range, and any field this server does not implement (`tools`,
+`logprobs`, `response_format`, ...: `extra="forbid"`) each become one 400 line naming the field.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+INT32_MAX = 2 ** 31 - 1  # max_tokens travels as the model's INT32
+UINT64_MAX = 2 ** 64 - 1  # seed travels as the model's UINT64
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[Part]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """The fields both endpoints share. `n`, when sent, must be 1 (one answer per request)."""
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # an end-user id for the caller's own records; it changes no answer
+    # vLLM's extensions
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str = Field(min_length=1)
+
+
+def parse(model: type[_Sampling], raw: bytes) -> _Sampling:
+    """The body as `model`; ValueError with one line naming what is wrong."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        # of a union's alternatives (content: a string or a list of parts), the one that got furthest
+        raise ValueError(describe(max(e.errors(), key=lambda err: len(err["loc"])))) from None
+
+
+def describe(error: dict) -> str:
+    # loc also names the union alternative taken ("str", "list[tagged-union[...]]"): not the body's words
+    where = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and ("[" in p or p == "str")))
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"unsupported field '{where}': this server does not implement it"
+    if kind == "union_tag_invalid":
+        return f"unsupported content part {error['ctx']['tag']!r} at {where}: text and image_url are supported"
+    if kind == "json_invalid":
+        return f"the request body is not valid JSON: {error['msg'].removeprefix('Invalid JSON: ')}"
+    if kind == "model_type" and not where:
+        return "the request body must be a JSON object"
+    return f"{where}: {error['msg']}" if where else error["msg"]
