@@ -17,6 +17,7 @@ from builder.client.grpc import data_url
 from builder.format.manifest import read_manifest
 from builder.frontend.openai_api import body_limit
 from builder.frontend.server import OpenAIServer
+from builder.runtime.sampling import SamplingParams
 from builder.serve.launcher import TritonServer, free_port
 from builder.serve.package import package_repo
 
@@ -186,8 +187,8 @@ def post(url: str, body: bytes | dict, timeout: float | httpx.Timeout = 60) -> h
     ({"messages": HI, "max_tokens": 0}, 400, "max_tokens: Input should be greater than or equal to 1"),
     ({"messages": HI, "max_tokens": True}, 400, "max_tokens: Input should be a valid integer"),
     ({"messages": HI, "n": 2}, 400, "n: Input should be less than or equal to 1"),
-    ({"messages": HI, "logprobs": True}, 400, "unsupported field 'logprobs'"),
-    ({"messages": HI, "top_logprobs": 2}, 400, "unsupported field 'top_logprobs'"),
+    ({"messages": HI, "top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
+    ({"messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs: Input should be less than or equal to 20"),
     ({"messages": HI, "response_format": {"type": "json_object"}}, 400, "unsupported field 'response_format'"),
     ({"messages": HI, "tools": []}, 400, "unsupported field 'tools'"),
     ({"messages": HI, "logit_bias": {"1": 5}}, 400, "unsupported field 'logit_bias'"),
@@ -269,3 +270,34 @@ def test_the_models_errors_keep_their_meaning_over_http(message, status):
     from builder.frontend.openai_api import model_error
 
     assert model_error(message).status == status
+
+
+def test_chat_log_probabilities_are_the_engines(client, engine, images):
+    """Unary and streamed: each token's logprob and its alternatives equal the engine's own (fp32,
+    1e-4); greedy's token is its most likely."""
+    prompt = engine.chat_prompt(QUESTION, True)
+    [want] = engine.generate([prompt], [images[2]], params=[SamplingParams(6, logprobs=2)])
+    got = client.chat.completions.create(model="pdrop", messages=chat_messages(QUESTION, images[2]), max_tokens=6,
+                                         temperature=0, logprobs=True, top_logprobs=2)
+    content = got.choices[0].logprobs.content
+    stream = client.chat.completions.create(model="pdrop", messages=chat_messages(QUESTION, images[2]), max_tokens=6,
+                                            temperature=0, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    for entries in (content, streamed):
+        assert len(entries) == len(want.token_ids) == got.usage.completion_tokens
+        for e, w in zip(entries, want.logprobs):
+            assert e.logprob == pytest.approx(w.logprob, abs=1e-4)
+            assert [t.logprob for t in e.top_logprobs] == pytest.approx([v for _, v in w.top], abs=1e-4)
+            assert e.top_logprobs[0].token == e.token and e.bytes == list(e.token.encode())
+
+
+def test_completion_log_probabilities_in_the_legacy_shape(client, engine):
+    prompt = "USER: count to ten ASSISTANT:"
+    [want] = engine.generate([prompt], params=[SamplingParams(5, logprobs=3)])
+    got = client.completions.create(model="pdrop", prompt=prompt, max_tokens=5, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in want.logprobs], abs=1e-4)
+    for top, w in zip(lp.top_logprobs, want.logprobs):  # keyed by text: tokens that read alike share a key
+        assert top and all(any(abs(v - x) < 1e-4 for _, x in w.top) for v in top.values())
+    assert len(lp.tokens) == 5
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:n]) for n in range(5)]

@@ -3,11 +3,13 @@ rules' (kept here as host code, as the sampler was), and after its first call it
 the host (a copy per row per step would be a sync per row on a GPU)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
 import pytest
 import torch
+from conftest import prefill
 from recorder import Recorder
 
 from builder.runtime.sampling import Sampler, SamplingParams, filter_logits
@@ -83,3 +85,36 @@ def test_a_call_after_the_first_makes_no_tensor_from_host_data():
         assert [f"{op.hazard()}: {op}" for op in rec.ops if op.hazard() not in (None, "random numbers")] == []
         assert any(op.name == "index_fill" for op in rec.ops)  # what it bans is banned all the same
     assert torch.equal(sampler.counts, torch.bincount(torch.tensor(history), minlength=VOCAB))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_log_probabilities_are_those_of_the_engines_logits(engine, temperature):
+    """fp32: each token's logprob equals log-softmax of the engine's own next-token logits (scaled by
+    the temperature when sampling) within 1e-4; the top alternatives are the largest, in order, and
+    greedy's token is the first of them."""
+    prompt = "USER: count to ten ASSISTANT:"
+    params = SamplingParams(6, temperature=temperature, seed=1, end_id=-1, logprobs=3)
+    [got] = engine.generate([prompt], params=[params])
+    assert len(got.logprobs) == len(got.token_ids) == 6
+    req = engine.prepare(prompt, None, SamplingParams())
+    for step, (token, lp) in enumerate(zip(got.token_ids, got.logprobs)):
+        # the prompt and the tokens before this one, prefilled again: the logits this token came from
+        before = torch.tensor(got.token_ids[:step], dtype=torch.long)
+        again = dataclasses.replace(req, input_ids=torch.cat((req.input_ids, before)))
+        with torch.inference_mode():
+            _, h, _ = prefill(engine, again)
+            logits = engine.llm.output(h)[0, -1].float()
+        want = (logits / (temperature or 1.0)).log_softmax(-1)
+        assert lp.token_id == token and abs(lp.logprob - want[token].item()) < 1e-4
+        values, indices = want.topk(3)
+        assert [i for i, _ in lp.top] == indices.tolist()
+        assert max(abs(a - b) for (_, a), b in zip(lp.top, values.tolist())) < 1e-4
+        if temperature == 0:
+            assert lp.top[0][0] == token
+
+
+def test_no_log_probabilities_unless_asked(engine):
+    [got] = engine.generate(["USER: hi ASSISTANT:"], max_new_tokens=3)
+    assert got.logprobs is None and "logprobs" not in got.to_dict()
+    with pytest.raises(Exception, match="logprobs must be in 0..20"):
+        SamplingParams(3, logprobs=21).validate()

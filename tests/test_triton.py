@@ -117,6 +117,19 @@ def test_served_greedy_answer_equals_offline(server, client, engine, images, str
     assert last["arrival_time_ns"].item() <= last["first_token_time_ns"].item() <= last["last_token_time_ns"].item()
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_log_probabilities_come_as_tensorrtllm_backend_names_them(server, client, engine, images, stream):
+    answer = infer(client, "pdrop", request_inputs(PROMPT, 5, images[0], stream=stream, return_log_probs=True,
+                                                   top_log_probs=2))
+    [want] = engine.generate([PROMPT], [images[0]], params=[SamplingParams(5, logprobs=2)])
+    assert answer.error is None and answer.ids == want.token_ids
+    assert answer.log_probs == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    assert answer.last["cum_log_probs"].item() == pytest.approx(sum(answer.log_probs), abs=1e-4)
+    assert answer.top_ids == [i for t in want.logprobs for i, _ in t.top]
+    plain = infer(client, "pdrop", request_inputs(PROMPT, 2, images[0]))
+    assert "output_log_probs" not in plain.last
+
+
 def test_prompt_table_extra_id_names_the_image_for_the_prefix_cache(server, client, engine, images):
     """TensorRT-LLM's key for reuse: requests that send one share the image's prefix by it, exactly."""
     for question in ("What is in the picture?", "Describe it in detail."):
@@ -264,7 +277,7 @@ BAD = {
     "repetition_penalty 0": (request_inputs(TEXT, 4, repetition_penalty=0.0), "repetition_penalty must be > 0"),
     "beam_width 2": (request_inputs(TEXT, 4, beam_width=2), "beam_width 2 is not supported"),
     "num_return_sequences 3": (request_inputs(TEXT, 4, num_return_sequences=3), "num_return_sequences 3"),
-    "return_log_probs": (request_inputs(TEXT, 4, return_log_probs=True), "return_log_probs is not supported"),
+    "top_log_probs 21": (request_inputs(TEXT, 4, return_log_probs=True, top_log_probs=21), "logprobs must be in 0..20"),
     "preprocessed image_input": (_with(request_inputs(PROMPT, 4), tensor("image_input", np.zeros((1, 1, 3, 4, 4),
                                                                                                  dtype=np.float16))),
                                  "preprocessed image_input is not supported"),

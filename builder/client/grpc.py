@@ -21,6 +21,7 @@ OPTIONAL = {"temperature": np.float32, "top_p": np.float32, "top_k": np.int32, "
             "exclude_input_in_output": np.bool_, "drop_ratio": np.float32, "repetition_penalty": np.float32,
             "presence_penalty": np.float32, "frequency_penalty": np.float32, "length_penalty": np.float32,
             "beam_width": np.int32, "num_return_sequences": np.int32, "return_log_probs": np.bool_,
+            "top_log_probs": np.int32,
             "prompt_table_extra_id": np.uint64}
 
 
@@ -88,9 +89,12 @@ def served_drop_ratio(client, model: str) -> float:
 
 @dataclass
 class Answer:
-    """What one request got back: text, token ids, per-response arrival times, outputs of the last."""
+    """What one request got back: text, token ids, per-response arrival times, outputs of the last;
+    with return_log_probs, every token's log-probability and its alternatives' ids, in order."""
     text: str = ""
     ids: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    top_ids: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # perf_counter at each response
     sent: float = 0.0
     last: dict = field(default_factory=dict)
@@ -117,6 +121,9 @@ def infer(client, model: str, inputs: list, timeout: float = 120.0, request_id: 
                 answer.text += b"".join(text.reshape(-1)).decode("utf-8")
                 answer.ids += result.as_numpy("output_ids").reshape(-1).tolist()
                 answer.last = {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+                if "output_log_probs" in answer.last:
+                    answer.log_probs += answer.last["output_log_probs"].reshape(-1).tolist()
+                    answer.top_ids += answer.last["output_top_ids"].reshape(-1).tolist()
             if final:
                 return answer
     finally:

@@ -89,6 +89,8 @@ def sampling(req: ChatCompletionRequest | CompletionRequest) -> tuple[int, list[
         optional["seed"] = req.seed
     if req.ignore_eos:
         optional["end_id"] = -1
+    if req.alternatives is not None:
+        optional |= {"return_log_probs": True, "top_log_probs": req.alternatives}
     return max_tokens, stop, optional
 
 
@@ -105,7 +107,8 @@ class Frontend:
             return False
 
     async def generate(self, prompt: str, image: str | None, req: ChatCompletionRequest | CompletionRequest):
-        """Yield (text delta, final outputs or None) from the served model, one per token."""
+        """Yield (text delta, final outputs or None, the token's log-probabilities or None) from the
+        served model, one per token."""
         max_tokens, stop, optional = sampling(req)
         inputs = request_inputs(prompt, max_tokens, None, stream=True, stop_words=stop, **optional)
         if image is not None:
@@ -124,9 +127,41 @@ class Frontend:
                 final = {"finish_reason": finish,
                          "prompt_tokens": int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
                          "completion_tokens": int(result.as_numpy("output_tokens").reshape(-1)[0])} if finish else None
-                yield text, final
+                yield text, final, token_logprobs(result)
                 if final:
                     return
+
+
+def token_logprobs(result) -> list[tuple[int, float, list[tuple[int, float]]]] | None:
+    """(token id, logprob, [(id, logprob) of the alternatives]) of each token of one response, when
+    the request asked for them."""
+    values = result.as_numpy("output_log_probs")
+    if values is None:
+        return None
+    ids, top_ids = result.as_numpy("output_ids").reshape(-1), result.as_numpy("output_top_ids").reshape(-1)
+    top_values, values = result.as_numpy("output_top_log_probs").reshape(-1), values.reshape(-1)
+    k = len(top_ids) // max(len(ids), 1)
+    return [(int(i), float(v), list(zip(top_ids[j * k:(j + 1) * k].tolist(), top_values[j * k:(j + 1) * k].tolist())))
+            for j, (i, v) in enumerate(zip(ids, values))]
+
+
+def chat_logprobs(tokenizer, tokens) -> dict:
+    """OpenAI chat's `logprobs`: each token's text, bytes, logprob and its alternatives'."""
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(i, lp), "top_logprobs": [entry(j, v) for j, v in top]} for i, lp, top in tokens]}
+
+
+def completion_logprobs(tokenizer, tokens, offset: int) -> dict:
+    """The legacy completions' `logprobs`: tokens, their logprobs, alternatives as {token: logprob},
+    and each token's offset in the text (from `offset`)."""
+    texts = [tokenizer.decode([i]) for i, _, _ in tokens]
+    offsets = [offset + sum(len(t) for t in texts[:n]) for n in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in tokens],
+            "top_logprobs": [{tokenizer.decode([j]): v for j, v in top} for _, _, top in tokens],
+            "text_offset": offsets}
 
 
 def create_app(frontend: Frontend, max_body_bytes: int) -> FastAPI:
@@ -185,8 +220,11 @@ def create_app(frontend: Frontend, max_body_bytes: int) -> FastAPI:
         created = int(time.time())
         stream = frontend.generate(prompt, image, req)
         if not req.stream:
-            text, final = await until_disconnected(request, collect(stream))
+            text, final, tokens = await until_disconnected(request, collect(stream))
             choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            if tokens is not None:
+                choice["logprobs"] = (chat_logprobs(frontend.tokenizer, tokens) if chat
+                                      else completion_logprobs(frontend.tokenizer, tokens, 0))
             return {"id": ident, "object": kind, "created": created, "model": frontend.model,
                     "choices": [{"index": 0, **choice, "finish_reason": final["finish_reason"]}],
                     "usage": usage(final)}
@@ -195,17 +233,22 @@ def create_app(frontend: Frontend, max_body_bytes: int) -> FastAPI:
 
         async def events():
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-            delta, final = first
+            delta, final, tokens = first
+            sent = 0  # characters so far: the legacy logprobs' text offsets
             try:
                 if chat:
                     role = {"delta": {"role": "assistant", "content": ""}}
                     yield sse(ident, chunk_kind, created, frontend.model, role)
                 while True:
                     part = {"delta": {"content": delta}} if chat else {"text": delta}
+                    if tokens is not None:
+                        part["logprobs"] = (chat_logprobs(frontend.tokenizer, tokens) if chat
+                                            else completion_logprobs(frontend.tokenizer, tokens, sent))
+                    sent += len(delta)
                     yield sse(ident, chunk_kind, created, frontend.model, {**part, "finish_reason": None})
                     if final:
                         break
-                    delta, final = await anext(stream)
+                    delta, final, tokens = await anext(stream)
             except Exception as e:  # after the status went out: an error event, then the stream's end
                 status, kind_ = (e.status, e.kind) if isinstance(e, ApiError) else (500, "server_error")
                 yield f"data: {json.dumps({**error_body(str(e), kind_), 'status': status})}\n\ndata: [DONE]\n\n"
@@ -222,12 +265,14 @@ def create_app(frontend: Frontend, max_body_bytes: int) -> FastAPI:
     return app
 
 
-async def collect(stream) -> tuple[str, dict]:
-    """A whole answer: its text and final outputs."""
-    text, final = [], None
-    async for delta, final in stream:
+async def collect(stream) -> tuple[str, dict, list | None]:
+    """A whole answer: its text, final outputs and its tokens' log-probabilities (None unless asked)."""
+    text, final, tokens = [], None, None
+    async for delta, final, some in stream:
         text.append(delta)
-    return "".join(text), final
+        if some is not None:
+            tokens = (tokens or []) + some
+    return "".join(text), final, tokens
 
 
 async def until_disconnected(request: Request, work, poll_s: float = 0.25):

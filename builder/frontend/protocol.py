@@ -3,13 +3,13 @@
 Parsing a body is the one place where a request is refused for its shape: invalid JSON (a lone
 surrogate, nesting past pydantic's bound), a wrong type (strict: no `true` for an integer, no "1"
 for a number), a value out of range, and any field this server does not implement (`tools`,
-`logprobs`, `response_format`, ...: `extra="forbid"`) each become one 400 line naming the field.
+`response_format`, ...: `extra="forbid"`) each become one 400 line naming the field.
 """
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 INT32_MAX = 2 ** 31 - 1  # max_tokens travels as the model's INT32
 UINT64_MAX = 2 ** 64 - 1  # seed travels as the model's UINT64
@@ -69,10 +69,28 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def alternatives(self) -> int | None:
+        """Log-probabilities asked for: None, or the alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's: alternatives per token
+
+    @property
+    def alternatives(self) -> int | None:
+        return self.logprobs
 
 
 def parse(model: type[_Sampling], raw: bytes) -> _Sampling:

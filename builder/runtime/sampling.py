@@ -1,5 +1,6 @@
 """Per-request sampling parameters and next-token selection: greedy, temperature, top-k, top-p,
-repetition / presence / frequency penalties, minimum length and banned words."""
+repetition / presence / frequency penalties, minimum length and banned words; and the
+log-probabilities of the distribution each token was drawn from."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,22 @@ from ..format.errors import InputError
 # thread to match on every token, bounded as a prompt's length is.
 MAX_WORDS = 32
 MAX_WORD_BYTES = 1000
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the distribution it was drawn from (after
+    penalties, bans, temperature, top-k and top-p), and the `top` most likely tokens' (id, logprob)."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def of(cls, token_id: int, row: list[float]) -> "TokenLogprob":
+        """From a Sampler's row [logprob, k top logprobs, k top ids] as read to the host."""
+        k = (len(row) - 1) // 2
+        return cls(token_id, row[0], [(int(i), lp) for i, lp in zip(row[1 + k:], row[1:1 + k])])
 
 
 @dataclass
@@ -31,6 +48,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -57,6 +75,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise InputError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InputError(f"logprobs must be in 0..{MAX_LOGPROBS} (alternatives per token), got {self.logprobs}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -102,6 +122,9 @@ class Sampler:
         self.in_prompt: torch.Tensor | None = None  # (vocab,) bool
         self.counts: torch.Tensor | None = None  # (vocab,) how often the history holds each token
         self.counted = 0  # history tokens in `counts`
+        # with params.logprobs: the last token's [logprob, top logprobs, top ids], on the device (float64:
+        # ids exact), read to the host with the step's tokens
+        self.logprobs: torch.Tensor | None = None
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -122,9 +145,22 @@ class Sampler:
         if banned:
             logits = logits.index_fill(0, torch.cat(banned), -math.inf)
         if self.generator is None:
-            return logits.argmax()
-        probs = filter_logits(logits.float() / p.temperature, p.top_k, p.top_p).softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[0]
+            token = logits.argmax()
+            self._log(logits.float(), token)
+            return token
+        scaled = filter_logits(logits.float() / p.temperature, p.top_k, p.top_p)
+        token = torch.multinomial(scaled.softmax(-1), 1, generator=self.generator)[0]
+        self._log(scaled, token)
+        return token
+
+    def _log(self, logits: torch.Tensor, token: torch.Tensor) -> None:
+        """The log-probabilities of the (vocab,) fp32 `logits` the token was drawn from, when asked."""
+        k = self.params.logprobs
+        if k is None:
+            return
+        lp = logits.log_softmax(-1)
+        top = lp.topk(k)
+        self.logprobs = torch.cat((lp[token][None], top.values, top.indices.to(lp.dtype))).double()
 
     def _tokens(self, logits: torch.Tensor, history: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt's token mask and the history's token counts, the new tokens counted in on the

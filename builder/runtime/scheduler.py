@@ -36,7 +36,7 @@ from ..network import flops
 from .paged_kv import BlockPool, SequenceKV, blocks_needed, layer_lengths
 from .prefix_cache import Entry, Key, PrefixCache
 from ..network.pyramid import ImageSpan
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprob
 from .stop_words import StopWords
 
 
@@ -47,6 +47,7 @@ class Delta:
     text: str
     token_id: int | None
     result: "Result | None" = None
+    logprob: TokenLogprob | None = None  # the token's, when the request asked (SamplingParams.logprobs)
 
 
 @dataclass
@@ -60,12 +61,16 @@ class Result:
     timings: dict
     flops: dict
     layout: dict = field(default_factory=dict)  # image-token layout, for keep maps
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
-                "stages": [s.to_dict() for s in self.stages], "timings": self.timings, "flops": self.flops,
-                "layout": self.layout}
+        out = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+               "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
+               "stages": [s.to_dict() for s in self.stages], "timings": self.timings, "flops": self.flops,
+               "layout": self.layout}
+        if self.logprobs is not None:
+            out["logprobs"] = [{"token_id": t.token_id, "logprob": t.logprob, "top": t.top} for t in self.logprobs]
+        return out
 
 
 class Generation:
@@ -82,6 +87,7 @@ class Generation:
         self.stream = DecodeStream(skip_special_tokens=True)
         self.stops = StopWords(params.stop)
         self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.sent = 0
         self.finish: str | None = None
         self.text = ""
@@ -89,8 +95,10 @@ class Generation:
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         return self.sampler(logits, self.ids)
 
-    def add(self, token: int) -> str:
+    def add(self, token: int, logprob: TokenLogprob | None = None) -> str:
         self.ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         if token in self.eos:
             self.finish = "stop"
         else:
@@ -280,7 +288,7 @@ class Scheduler:
         except Exception as e:
             self._failed([s], e)
             return
-        self._emit(s, int(s.token))
+        self._emit([s])
 
     def _start_prefill(self, s: Sequence) -> None:
         """Embed the prompt and start its prefill: after the cached prefix on a prefix-cache hit. An
@@ -334,15 +342,25 @@ class Scheduler:
                 self._failed([s], e)
         if self.broken or not sampled:
             return
-        for s, value in zip(sampled, torch.stack([s.token for s in sampled]).tolist()):
-            self._emit(s, value)
+        self._emit(sampled)
 
-    def _emit(self, s: Sequence, token: int) -> None:
-        text = s.gen.add(token)
-        if s.gen.finish is None:
-            self._notify(s, Delta(s.handle.index, text, token))
-        else:
-            self._finish(s, s.gen.finish, Delta(s.handle.index, text, token))
+    def _emit(self, seqs: list[Sequence]) -> None:
+        """The step's tokens to the host in one read, and the log-probabilities of the rows that
+        asked in one more; then each request's event."""
+        tokens = torch.stack([s.token for s in seqs]).tolist()
+        asked = [s for s in seqs if s.gen.logprobs is not None]
+        rows = torch.cat([s.gen.sampler.logprobs for s in asked]).tolist() if asked else []
+        for s, token in zip(seqs, tokens):
+            logprob = None
+            if s.gen.logprobs is not None:
+                n = 1 + 2 * s.req.params.logprobs
+                logprob, rows = TokenLogprob.of(token, rows[:n]), rows[n:]
+            text = s.gen.add(token, logprob)
+            delta = Delta(s.handle.index, text, token, logprob=logprob)
+            if s.gen.finish is None:
+                self._notify(s, delta)
+            else:
+                self._finish(s, s.gen.finish, delta)
 
     def _finish(self, s: Sequence, reason: str, delta: Delta | None = None) -> None:
         delta = delta or Delta(s.handle.index, "", None)
@@ -403,7 +421,8 @@ class Scheduler:
                      "prefill_s": max(0.0, s.ttft - s.t_pre - s.vision_s) if s.ttft else 0.0,
                      "ttft_s": s.ttft, "decode_s": decode_s, "total_s": total,
                      "decode_tokens_per_s": (len(ids) - 1) / decode_s if len(ids) > 1 and decode_s else 0.0},
-            flops=flops.report(self.engine.manifest.llm, req.schedule, req.image_tokens, n_text))
+            flops=flops.report(self.engine.manifest.llm, req.schedule, req.image_tokens, n_text),
+            logprobs=gen.logprobs if gen else None)
 
     # ---- a thread of its own, for servers ---------------------------------------------------
 

@@ -29,7 +29,6 @@ UNSUPPORTED = {
     "decoder_text_input": "decoder_text_input is for encoder-decoder models; this one is decoder-only",
     "embedding_bias_words": "embedding_bias_words is not supported",
     "embedding_bias_weights": "embedding_bias_weights is not supported",
-    "return_log_probs": "return_log_probs is not supported",
     "return_context_logits": "return_context_logits is not supported",
     "return_generation_logits": "return_generation_logits is not supported",
 }
@@ -128,7 +127,9 @@ def parse_request(get: Getter) -> Job:
         bad_words=[s for s in _strings(get, "bad_words") if s],
         repetition_penalty=_scalar(get, "repetition_penalty", float, 1.0),
         presence_penalty=_scalar(get, "presence_penalty", float, 0.0),
-        frequency_penalty=_scalar(get, "frequency_penalty", float, 0.0))
+        frequency_penalty=_scalar(get, "frequency_penalty", float, 0.0),
+        # tensorrtllm_backend's flag for each token's logprob; ours for the k most likely besides
+        logprobs=_scalar(get, "top_log_probs", int, 0) if _scalar(get, "return_log_probs", bool, False) else None)
     params.validate()
     drop = _scalar(get, "drop_ratio", float)
     return Job(prompts[0], _image(get), params, drop, _scalar(get, "stream", bool, False),
@@ -136,13 +137,21 @@ def parse_request(get: Getter) -> Job:
 
 
 def response_tensors(text: str, ids: list[int], output_tokens: int, prompt_tokens: int, image_tokens: int,
-                     stages: list, finish_reason: str, stats: dict[str, int], times_ns: tuple[int, int, int]
-                     ) -> dict[str, np.ndarray]:
+                     stages: list, finish_reason: str, stats: dict[str, int], times_ns: tuple[int, int, int],
+                     logprobs: list | None = None, cum_log_prob: float = 0.0) -> dict[str, np.ndarray]:
     """The outputs of one response, each with a leading batch dimension of 1. `text` and `ids` are
     what this response adds (streaming) or the whole answer; `output_tokens` counts all so far;
-    `stats` is the scheduler's (Engine.stats): `batch_size` is the sequences running with this one."""
+    `stats` is the scheduler's (Engine.stats): `batch_size` is the sequences running with this one.
+    With `logprobs` (runtime.sampling.TokenLogprob, one per id, when the request asked):
+    tensorrtllm_backend's `output_log_probs` and `cum_log_probs` (all tokens so far), and ours,
+    `output_top_log_probs` / `output_top_ids` (each token's k most likely, one after another)."""
     arrival, first, last = times_ns
-    return {
+    extra = {} if logprobs is None else {
+        "output_log_probs": np.array([[t.logprob for t in logprobs]], dtype=np.float32),
+        "cum_log_probs": np.array([[cum_log_prob]], dtype=np.float32),
+        "output_top_log_probs": np.array([[lp for t in logprobs for _, lp in t.top]], dtype=np.float32),
+        "output_top_ids": np.array([[i for t in logprobs for i, _ in t.top]], dtype=np.int32)}
+    return extra | {
         "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
         "output_ids": np.array(ids, dtype=np.int32).reshape(1, -1),
         "output_tokens": np.array([[output_tokens]], dtype=np.int32),

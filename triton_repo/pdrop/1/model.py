@@ -135,6 +135,7 @@ class _Live:
     def __init__(self, engine, out, job, request, arrival_ns, metrics):
         self.engine, self.out, self.job, self.request, self.metrics = engine, out, job, request, metrics
         self.arrival_ns, self.first_ns, self.tokens = arrival_ns, 0, 0
+        self.cum_log_prob = 0.0
 
     def on_event(self, event):
         """Called by the scheduler's thread with a Delta, or a PdropError for a failed request."""
@@ -149,17 +150,20 @@ class _Live:
         self.first_ns = self.first_ns or time.time_ns()
         if result is not None and self.metrics is not None:
             self.metrics.finished(result, (self.first_ns - self.arrival_ns) / 1e9)
+        if event.logprob is not None:
+            self.cum_log_prob += event.logprob.logprob
         if self.job.stream:  # one response per token, as tensorrtllm_backend streams
             stages, finish = (result.stages, result.finish_reason) if result else ([], "")
-            self._send(event.text, [event.token_id], stages, finish, final=result is not None)
+            logprobs = None if event.logprob is None else [event.logprob]
+            self._send(event.text, [event.token_id], stages, finish, logprobs, final=result is not None)
         elif result is not None:
             text = result.text if self.job.exclude_input else self.job.prompt + result.text
-            self._send(text, result.token_ids, result.stages, result.finish_reason, final=True)
+            self._send(text, result.token_ids, result.stages, result.finish_reason, result.logprobs, final=True)
 
-    def _send(self, text, ids, stages, finish, final):
+    def _send(self, text, ids, stages, finish, logprobs, final):
         outputs = response_tensors(text, ids, self.tokens, self.request.prompt_tokens, self.request.image_tokens,
                                    stages, finish, self.engine.stats(),
-                                   (self.arrival_ns, self.first_ns, time.time_ns()))
+                                   (self.arrival_ns, self.first_ns, time.time_ns()), logprobs, self.cum_log_prob)
         self.out.send(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]), final)
 
 
