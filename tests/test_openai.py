@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -189,7 +190,9 @@ def post(url: str, body: bytes | dict, timeout: float | httpx.Timeout = 60) -> h
     ({"messages": HI, "n": 2}, 400, "n: Input should be less than or equal to 1"),
     ({"messages": HI, "top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
     ({"messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs: Input should be less than or equal to 20"),
-    ({"messages": HI, "response_format": {"type": "json_object"}}, 400, "unsupported field 'response_format'"),
+    ({"messages": HI, "response_format": {"type": "json_schema"}}, 400, "json_schema goes with type json_schema"),
+    ({"messages": HI, "guided_regex": "a", "guided_choice": ["b"]}, 400, "one of guided_regex, guided_choice at a time"),
+    ({"messages": HI, "guided_regex": "("}, 400, "the regex guide does not compile"),
     ({"messages": HI, "tools": []}, 400, "unsupported field 'tools'"),
     ({"messages": HI, "logit_bias": {"1": 5}}, 400, "unsupported field 'logit_bias'"),
     ({"messages": HI, "temperature": "hot"}, 400, "temperature: Input should be a valid number"),
@@ -301,3 +304,29 @@ def test_completion_log_probabilities_in_the_legacy_shape(client, engine):
         assert top and all(any(abs(v - x) < 1e-4 for _, x in w.top) for v in top.values())
     assert len(lp.tokens) == 5
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:n]) for n in range(5)]
+
+
+SHAPE = {"type": "object", "additionalProperties": False, "required": ["shape", "n"],
+         "properties": {"shape": {"enum": ["circle", "square"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+
+
+def test_json_schema_answers_parse_and_validate_every_time(client, images):
+    fmt = {"type": "json_schema", "json_schema": {"name": "shape", "schema": SHAPE, "strict": True}}
+    for i in range(3):
+        got = client.chat.completions.create(model="pdrop", messages=chat_messages(QUESTION, images[i]), max_tokens=40,
+                                             temperature=1.0, seed=i, response_format=fmt)
+        answer = json.loads(got.choices[0].message.content)
+        assert set(answer) == {"shape", "n"} and answer["shape"] in ("circle", "square") and 0 <= answer["n"] <= 9
+        assert got.choices[0].finish_reason == "stop"
+
+
+def test_json_object_and_vllms_guided_fields(client):
+    got = client.chat.completions.create(model="pdrop", messages=HI, max_tokens=60,
+                                         response_format={"type": "json_object"})
+    assert got.choices[0].finish_reason == "length" or isinstance(json.loads(got.choices[0].message.content), dict)
+    choice = client.completions.create(model="pdrop", prompt="USER: pick ASSISTANT:", max_tokens=30,
+                                       extra_body={"guided_choice": ["yes, surely", "no \"way\""]})
+    assert choice.choices[0].text in ("yes, surely", 'no "way"')
+    regex = client.completions.create(model="pdrop", prompt="USER: code ASSISTANT:", max_tokens=10,
+                                      extra_body={"guided_regex": "[A-F]{2}-[0-9]"})
+    assert re.fullmatch("[A-F]{2}-[0-9]", regex.choices[0].text)

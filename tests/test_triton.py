@@ -130,6 +130,15 @@ def test_log_probabilities_come_as_tensorrtllm_backend_names_them(server, client
     assert "output_log_probs" not in plain.last
 
 
+def test_guided_decoding_under_tensorrt_llms_names(server, client, images):
+    schema = {"type": "object", "properties": {"size": {"enum": ["big", "small"]}}, "required": ["size"],
+              "additionalProperties": False}
+    answer = infer(client, "pdrop", request_inputs(PROMPT, 30, images[0], guide=("json_schema", json.dumps(schema))))
+    assert answer.error is None and json.loads(answer.text) in ({"size": "big"}, {"size": "small"})
+    bad = infer(client, "pdrop", request_inputs(PROMPT, 30, images[0], guide=("regex", "(")))
+    assert bad.error is not None and "the regex guide does not compile" in bad.error
+
+
 def test_prompt_table_extra_id_names_the_image_for_the_prefix_cache(server, client, engine, images):
     """TensorRT-LLM's key for reuse: requests that send one share the image's prefix by it, exactly."""
     for question in ("What is in the picture?", "Describe it in detail."):

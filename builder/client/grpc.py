@@ -54,9 +54,13 @@ def tensor(name: str, value) -> "InferInput":
 
 
 def request_inputs(prompt: str, max_tokens: int, image=None, stream: bool = True, stop_words=(), bad_words=(),
-                   **optional) -> list:
+                   guide: tuple[str, str] | None = None, **optional) -> list:
+    """The model's input tensors; `guide` is structured output's (type, guide), TensorRT-LLM's
+    guided_decoding_guide_type and guided_decoding_guide."""
     inputs = [tensor("text_input", [prompt]), tensor("max_tokens", np.int32(max_tokens)),
               tensor("stream", np.bool_(stream))]
+    if guide is not None:
+        inputs += [tensor("guided_decoding_guide_type", [guide[0]]), tensor("guided_decoding_guide", [guide[1]])]
     if image is not None:
         inputs.append(tensor("image_url_input", [data_url(image)]))
     for name, words in (("stop_words", stop_words), ("bad_words", bad_words)):

@@ -110,7 +110,7 @@ class Frontend:
         """Yield (text delta, final outputs or None, the token's log-probabilities or None) from the
         served model, one per token."""
         max_tokens, stop, optional = sampling(req)
-        inputs = request_inputs(prompt, max_tokens, None, stream=True, stop_words=stop, **optional)
+        inputs = request_inputs(prompt, max_tokens, None, stream=True, stop_words=stop, guide=req.guide, **optional)
         if image is not None:
             inputs.append(tensor("image_url_input", [image]))
 

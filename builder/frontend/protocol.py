@@ -3,10 +3,11 @@
 Parsing a body is the one place where a request is refused for its shape: invalid JSON (a lone
 surrogate, nesting past pydantic's bound), a wrong type (strict: no `true` for an integer, no "1"
 for a number), a value out of range, and any field this server does not implement (`tools`,
-`response_format`, ...: `extra="forbid"`) each become one 400 line naming the field.
+`logit_bias`, ...: `extra="forbid"`) each become one 400 line naming the field.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -47,6 +48,18 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchema(_Strict):
+    name: str
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
 class _Sampling(_Strict):
     """The fields both endpoints share. `n`, when sent, must be 1 (one answer per request)."""
     model: str | None = None
@@ -62,9 +75,46 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id for the caller's own records; it changes no answer
+    response_format: ResponseFormat | None = None
     # vLLM's extensions
     min_tokens: int = Field(0, ge=0, le=INT32_MAX)
     ignore_eos: bool = False
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None  # EBNF (GBNF)
+
+    @model_validator(mode="after")
+    def _one_guide(self):
+        asked = [n for n in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, n) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            asked.append("response_format")
+        if len(asked) > 1:
+            raise ValueError(f"one of {', '.join(asked)} at a time")
+        rf = self.response_format
+        if rf is not None and (rf.type == "json_schema") != (rf.json_schema is not None):
+            raise ValueError("response_format: json_schema goes with type json_schema, and only with it")
+        return self
+
+    @property
+    def guide(self) -> tuple[str, str] | None:
+        """The model's guided decoding (type, guide), TensorRT-LLM's names; None for free text."""
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            return "json", ""
+        if rf is not None and rf.type == "json_schema":
+            return "json_schema", json.dumps(rf.json_schema.schema_)
+        if self.guided_json is not None:
+            schema = self.guided_json
+            return "json_schema", schema if isinstance(schema, str) else json.dumps(schema)
+        if self.guided_regex is not None:
+            return "regex", self.guided_regex
+        if self.guided_choice is not None:  # one of the strings, exactly: Lark string literals are JSON's
+            return "lark", "start: " + " | ".join(json.dumps(c) for c in self.guided_choice)
+        if self.guided_grammar is not None:
+            return "ebnf_grammar", self.guided_grammar
+        return None
 
 
 class ChatCompletionRequest(_Sampling):

@@ -11,6 +11,7 @@ it goes through the step scheduler (scheduler.py), the same path a server uses.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import queue
 import sys
@@ -27,6 +28,7 @@ from ..format.config import PyramidSchedule
 from ..format.errors import EngineError, InputError, first_line
 from ..format.manifest import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
 from .decode import Decoder, GraphDecoder
+from .guided import Grammars
 from ..network.images import load_image
 from ..network.model import Transformer
 from ..network.kernel_linear import use_kernel_linears
@@ -53,6 +55,7 @@ class Request:
     image_start: int = 0
     n_image: int = 0
     image_key: str | None = None  # names the image for the prefix cache (prefix_cache.image_key)
+    grammar: str | None = None  # params.guide compiled (guided.Grammars)
 
     @property
     def prompt_tokens(self) -> int:
@@ -173,6 +176,11 @@ class Engine:
                                 memory_fraction or DEFAULT_FRACTION)
         print(f"pdrop: memory plan on {self.device}: {self.plan.describe()}", file=sys.stderr, flush=True)
         return self.plan.tokens
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """Structured output's compiler for this engine's tokenizer, made at the first guided request."""
+        return Grammars(self.tokenizer, self.manifest.llm.vocab_size, self.manifest.eos_token_ids)
 
     @property
     def precision(self) -> str:
@@ -304,6 +312,8 @@ class Engine:
             if self.prefix_cache is not None:  # a client's id names an entry; the pixels must match it too
                 req.image_key = ("" if image_id is None else f"id:{image_id}:") + image_key(
                     req.pixel_values, (image.height, image.width))
+        if params.guide is not None:  # compiled here: a grammar that cannot compile is refused before any work
+            req.grammar = self.grammars.compile(params.guide)
         if req.input_ids.numel() > limit:
             raise InputError(f"prompt is {req.input_ids.numel()} tokens ({req.n_image} of them image tokens); "
                              f"this engine's max_input_len is {limit}")

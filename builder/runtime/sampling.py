@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..format.errors import InputError
+from .guided import Guide, Matcher
 
 # Per request, for stop strings and for bad words alike: what one request may ask the scheduler's
 # thread to match on every token, bounded as a prompt's length is.
@@ -49,6 +50,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
+    guide: Guide | None = None  # structured output: a grammar every token must follow (guided.py)
 
     def validate(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -111,8 +113,8 @@ class Sampler:
     sync on a GPU) per row per step."""
 
     def __init__(self, params: SamplingParams, device: torch.device, eos: set[int], bad: list[list[int]],
-                 prompt: list[int]):
-        self.params, self.prompt = params, prompt
+                 prompt: list[int], matcher: Matcher | None = None):
+        self.params, self.prompt, self.matcher = params, prompt, matcher
         self.eos = torch.tensor(sorted(eos), dtype=torch.long, device=device)
         singles = [b[0] for b in bad if len(b) == 1]
         self.banned = [torch.tensor(singles, device=device)] if singles else []  # in every step
@@ -144,6 +146,8 @@ class Sampler:
             banned.append(self.eos)
         if banned:
             logits = logits.index_fill(0, torch.cat(banned), -math.inf)
+        if self.matcher is not None:
+            logits = self.matcher.mask(logits)
         if self.generator is None:
             token = logits.argmax()
             self._log(logits.float(), token)

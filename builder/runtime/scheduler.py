@@ -36,6 +36,7 @@ from ..network import flops
 from .paged_kv import BlockPool, SequenceKV, blocks_needed, layer_lengths
 from .prefix_cache import Entry, Key, PrefixCache
 from ..network.pyramid import ImageSpan
+from .guided import Matcher
 from .sampling import Sampler, SamplingParams, TokenLogprob
 from .stop_words import StopWords
 
@@ -80,10 +81,11 @@ class Generation:
     incomplete UTF-8 character), and stop words are matched as the piece arrives (StopWords): a
     token costs time in its own text, not in the answer's length or the stop words' lengths."""
 
-    def __init__(self, tokenizer, params: SamplingParams, eos: set[int], budget: int, device, prompt: list[int]):
+    def __init__(self, tokenizer, params: SamplingParams, eos: set[int], budget: int, device, prompt: list[int],
+                 matcher: Matcher | None = None):
         self.tokenizer, self.params, self.eos, self.budget = tokenizer, params, eos, budget
         bad = [tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words]
-        self.sampler = Sampler(params, device, eos, bad, prompt)
+        self.sampler = Sampler(params, device, eos, bad, prompt, matcher)
         self.stream = DecodeStream(skip_special_tokens=True)
         self.stops = StopWords(params.stop)
         self.ids: list[int] = []
@@ -102,6 +104,8 @@ class Generation:
         if token in self.eos:
             self.finish = "stop"
         else:
+            if self.sampler.matcher is not None and self.sampler.matcher.accept(token):
+                self.finish = "stop"  # the grammar is complete: its last token's text still goes out
             self.text += self.stream.step(self.tokenizer.backend_tokenizer, token) or ""
             at = self.stops.feed(self.text[self.stops.fed:])
             if at is not None:
@@ -277,7 +281,9 @@ class Scheduler:
                 return
             p = req.params
             eos = set(engine.manifest.eos_token_ids) if p.end_id is None else {p.end_id} - {-1}
-            s.gen = Generation(engine.tokenizer, p, eos, self.budget(req), engine.device, req.input_ids.tolist())
+            matcher = engine.grammars.matcher(req.grammar) if req.grammar is not None else None
+            s.gen = Generation(engine.tokenizer, p, eos, self.budget(req), engine.device, req.input_ids.tolist(),
+                               matcher)
             s.token = s.gen.sample(engine.llm.output(engine.llm.norm(s.prefill.h[:, -1:])[0, -1]))
             s.prefill.h = None  # the prompt's hidden states are in the KV cache now
             engine.sync()

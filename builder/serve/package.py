@@ -73,8 +73,8 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
     if '"' in str(engine_ref) or "\\" in str(engine_ref):
         raise ConfigError(f"the engine path may not contain quotes or backslashes: {engine_ref}")
     text = Template((TEMPLATE / "config.pbtxt").read_text()).substitute(
-        model_name=model_name, max_batch_size=batch, instances=instances, engine_dir=engine_ref, device=device, dtype=dtype,
-        max_queue_delay_microseconds=max_queue_delay_us, drop_ratio=manifest.pyramid.drop_ratio,
+        model_name=model_name, max_batch_size=batch, instances=instances, engine_dir=engine_ref, device=device,
+        dtype=dtype, max_queue_delay_microseconds=max_queue_delay_us, drop_ratio=manifest.pyramid.drop_ratio,
         drop_layers=",".join(map(str, manifest.pyramid.layers)), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
         max_queued_requests=max_queued_requests, kv_cache_memory_fraction=kv_cache_memory_fraction,
         decoupled=str(decoupled).lower(), instance_kind="KIND_GPU" if gpus else "KIND_CPU",

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ..format.errors import InputError
+from ..runtime.guided import Guide
 from ..runtime.sampling import SamplingParams
 
 Getter = Callable[[str], "np.ndarray | None"]
@@ -104,6 +105,19 @@ def _asks(value: np.ndarray) -> bool:
     return value.size > 0
 
 
+def _guide(get: Getter) -> Guide | None:
+    """TensorRT-LLM's guided decoding inputs: the type ("json", "json_schema", "regex", "lark",
+    "ebnf_grammar") and the guide itself (unused for "json")."""
+    kinds, specs = _strings(get, "guided_decoding_guide_type"), _strings(get, "guided_decoding_guide")
+    if len(kinds) > 1 or len(specs) > 1:
+        raise InputError("send one guided_decoding_guide_type and one guided_decoding_guide")
+    if not kinds:
+        if specs:
+            raise InputError("guided_decoding_guide needs guided_decoding_guide_type")
+        return None
+    return Guide(kinds[0], specs[0] if specs else "")
+
+
 def parse_request(get: Getter) -> Job:
     """Read one request's tensors (`get(name)` gives the array or None) into an engine job."""
     _refuse_unsupported(get)
@@ -129,7 +143,8 @@ def parse_request(get: Getter) -> Job:
         presence_penalty=_scalar(get, "presence_penalty", float, 0.0),
         frequency_penalty=_scalar(get, "frequency_penalty", float, 0.0),
         # tensorrtllm_backend's flag for each token's logprob; ours for the k most likely besides
-        logprobs=_scalar(get, "top_log_probs", int, 0) if _scalar(get, "return_log_probs", bool, False) else None)
+        logprobs=_scalar(get, "top_log_probs", int, 0) if _scalar(get, "return_log_probs", bool, False) else None,
+        guide=_guide(get))
     params.validate()
     drop = _scalar(get, "drop_ratio", float)
     return Job(prompts[0], _image(get), params, drop, _scalar(get, "stream", bool, False),
