@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..format.config import PyramidSchedule
-from ..runtime.engine import Engine, Request
 from ..network.flops import full_flops, paper_flops
+from ..runtime.engine import Engine, Request
 from ..runtime.sampling import SamplingParams
 from .task import Example, render
 from .train import IMAGE, PROMPT

@@ -27,19 +27,19 @@ from safetensors.torch import load_file
 from ..format.config import PyramidSchedule
 from ..format.errors import EngineError, InputError, first_line
 from ..format.manifest import LLM_WEIGHTS, VISION_WEIGHTS, read_manifest
+from ..network.images import load_image
+from ..network.kernel_linear import use_kernel_linears
+from ..network.model import Transformer
+from ..network.precision import resolve_dtype
+from ..network.rope import Rope
+from ..network.vision import VisionEncoder, merge
 from .decode import Decoder, GraphDecoder
 from .guided import Grammars
-from ..network.images import load_image
-from ..network.model import Transformer
-from ..network.kernel_linear import use_kernel_linears
 from .memory_plan import DEFAULT_FRACTION, plan_memory
 from .paged_kv import BlockPool
-from ..network.precision import resolve_dtype
 from .prefix_cache import PrefixCache, image_key
-from ..network.rope import Rope
 from .sampling import SamplingParams
 from .scheduler import Delta, Result, Scheduler
-from ..network.vision import VisionEncoder, merge
 
 IMAGE = "<image>"
 

@@ -17,10 +17,10 @@ from typing import Iterator
 import torch
 
 from ..format.errors import EngineError
-from .decode import no_tokens, padded
-from .paged_kv import BlockPool, SequenceKV
 from ..network.pyramid import ImageSpan
 from ..network.vision import VisionEncoder, largest_pinpoint
+from .decode import no_tokens, padded
+from .paged_kv import BlockPool, SequenceKV
 
 GiB = 1 << 30
 DEFAULT_FRACTION = 0.9  # TensorRT-LLM's free_gpu_memory_fraction and vLLM's gpu_memory_utilization

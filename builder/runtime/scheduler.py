@@ -33,10 +33,10 @@ from tokenizers.decoders import DecodeStream
 from ..format.config import SCHEDULERS
 from ..format.errors import EngineError, InputError, PdropError, first_line
 from ..network import flops
-from .paged_kv import BlockPool, SequenceKV, blocks_needed, layer_lengths
-from .prefix_cache import Entry, Key, PrefixCache
 from ..network.pyramid import ImageSpan
 from .guided import Matcher
+from .paged_kv import BlockPool, SequenceKV, blocks_needed, layer_lengths
+from .prefix_cache import Entry, Key, PrefixCache
 from .sampling import Sampler, SamplingParams, TokenLogprob
 from .stop_words import StopWords
 
