@@ -219,12 +219,16 @@ def create_app(frontend: Frontend, max_body_bytes: int) -> FastAPI:
         kind = "chat.completion" if chat else "text_completion"
         created = int(time.time())
         stream = frontend.generate(prompt, image, req)
+
+        def logprobs_of(tokens, offset: int) -> dict:  # `offset`: characters of the answer before them
+            return (chat_logprobs(frontend.tokenizer, tokens) if chat
+                    else completion_logprobs(frontend.tokenizer, tokens, offset))
+
         if not req.stream:
             text, final, tokens = await until_disconnected(request, collect(stream))
             choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
             if tokens is not None:
-                choice["logprobs"] = (chat_logprobs(frontend.tokenizer, tokens) if chat
-                                      else completion_logprobs(frontend.tokenizer, tokens, 0))
+                choice["logprobs"] = logprobs_of(tokens, 0)
             return {"id": ident, "object": kind, "created": created, "model": frontend.model,
                     "choices": [{"index": 0, **choice, "finish_reason": final["finish_reason"]}],
                     "usage": usage(final)}
@@ -242,8 +246,7 @@ def create_app(frontend: Frontend, max_body_bytes: int) -> FastAPI:
                 while True:
                     part = {"delta": {"content": delta}} if chat else {"text": delta}
                     if tokens is not None:
-                        part["logprobs"] = (chat_logprobs(frontend.tokenizer, tokens) if chat
-                                            else completion_logprobs(frontend.tokenizer, tokens, sent))
+                        part["logprobs"] = logprobs_of(tokens, sent)
                     sent += len(delta)
                     yield sse(ident, chunk_kind, created, frontend.model, {**part, "finish_reason": None})
                     if final:

@@ -150,7 +150,7 @@ class Sampler:
             logits = self.matcher.mask(logits)
         if self.generator is None:
             token = logits.argmax()
-            self._log(logits.float(), token)
+            self._log(logits, token)
             return token
         scaled = filter_logits(logits.float() / p.temperature, p.top_k, p.top_p)
         token = torch.multinomial(scaled.softmax(-1), 1, generator=self.generator)[0]
@@ -158,11 +158,11 @@ class Sampler:
         return token
 
     def _log(self, logits: torch.Tensor, token: torch.Tensor) -> None:
-        """The log-probabilities of the (vocab,) fp32 `logits` the token was drawn from, when asked."""
+        """The log-probabilities of the (vocab,) `logits` the token was drawn from (in fp32), when asked."""
         k = self.params.logprobs
         if k is None:
             return
-        lp = logits.log_softmax(-1)
+        lp = logits.float().log_softmax(-1)
         top = lp.topk(k)
         self.logprobs = torch.cat((lp[token][None], top.values, top.indices.to(lp.dtype))).double()
 
