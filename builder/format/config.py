@@ -13,6 +13,13 @@ SUPPORTED_TEXT_MODELS = ("llama", "mistral")
 EXPORTS = ("onnx", "trtllm-checkpoint")
 # Weight dtypes of an engine, by torch's names (torch.float32, ...).
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_dtype(name: str, error: type[Exception] = ConfigError) -> None:
+    """`name` is "auto" or one of DTYPES (build, package and load take the same names); else `error`,
+    one line."""
+    if name not in ("auto", *DTYPES):
+        raise error(f"unsupported dtype '{name}': choose auto, {', '.join(DTYPES)}")
 # How the runtime batches: requests join and leave between steps, or static batches (the baseline).
 SCHEDULERS = ("inflight", "static")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..format.config import DTYPES
+from ..format.config import check_dtype
 from ..format.errors import InputError
 
 
@@ -29,8 +29,8 @@ def resolve_dtype(requested: str | None, built: str, stored: str, device: torch.
     what the build recorded (a DTYPES name, or "auto"); "auto" is the device's choice, with
     `stored` the dtype of the engine's weights."""
     for name in (requested, built):
-        if name not in (None, "auto", *DTYPES):
-            raise InputError(f"unsupported dtype '{name}': choose auto, {', '.join(DTYPES)}")
+        if name is not None:
+            check_dtype(name, InputError)
     name = requested if requested not in (None, "auto") else built
     if name == "auto":
         name = stored if device.type == "cuda" else "bfloat16" if cpu_has_bf16() else "float32"

@@ -12,7 +12,7 @@ from pathlib import Path
 from string import Template
 
 from ..format.atomic import staging_dir
-from ..format.config import DTYPES, SCHEDULERS
+from ..format.config import SCHEDULERS, check_dtype
 from ..format.errors import ConfigError, PdropError
 from ..format.manifest import read_manifest
 
@@ -61,8 +61,7 @@ def package_repo(engine: str | Path, output: str | Path, model_name: str = "pdro
                           "--max-queued-requests positive")
     if prefix_cache_tokens is not None and prefix_cache_tokens < 0:
         raise ConfigError(f"--prefix-cache-tokens must be >= 0 (0 turns the cache off), got {prefix_cache_tokens}")
-    if dtype not in ("auto", *DTYPES):
-        raise ConfigError(f"unsupported dtype '{dtype}': choose auto, {', '.join(DTYPES)}")
+    check_dtype(dtype)
     if gpus is not None and (not gpus or len(set(gpus)) != len(gpus) or min(gpus) < 0):
         raise ConfigError(f"--gpus must list distinct GPU indices, e.g. 0,1,2,3; got {gpus}")
     if gpus and device not in ("auto", "cuda"):
